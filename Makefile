@@ -1,0 +1,35 @@
+# Quick start: `make demo` (synthetic data -> full two-stage pipeline -> OOF score + submission)
+# and `make test`. Both create .venv from the requirement files when it is missing or stale.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-slow bench lint clean-demo
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	PROFILE=demo PYTHON=$(PY) sh train.sh
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -m slow -q
+
+bench: $(VENV)/.installed-dev
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean-demo:
+	rm -rf data/rsna_demo output/demo

@@ -1,0 +1,1 @@
+"""Shared building blocks: config, paths, data readers, preprocessing, folds, metric, I/O."""

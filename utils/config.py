@@ -1,0 +1,274 @@
+"""Configuration: `config/base.yaml` defaults + a stage file's deltas + a profile + CLI overrides.
+
+Usage::
+
+    cfg = load_config("config/stage1_vertebra.yaml", ["train.lr=1e-4", "profile=demo"])
+    cfg.train.lr, cfg["train"]["lr"], cfg.get("train.lr")
+
+Rules (strict, so a typo never silently trains the wrong thing):
+- every key of a stage file, a profile block or an override must be declared in base.yaml,
+  except inside a `params` mapping, whose keys are checked against the registered component's
+  constructor when it is built;
+- overrides are ``dotted.key=value`` with the value parsed as YAML (``null``, ``true``, ``[1, 2]``);
+- each override is logged; the resolved config is frozen and can be dumped next to a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.io import write_text
+
+log = logging.getLogger(__name__)
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "config" / "base.yaml"
+_FREE_KEYS = ("params",)  # mappings whose keys are validated by the component, not by base.yaml
+# Keys that do not change what a run computes: a resumed run may differ in them.
+RUNTIME_KEYS = frozenset(
+    {"resume", "num_workers", "progress", "device", "train.stop_after", "infer.viz_studies"}
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 insists on ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with the config loader."""
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, bad syntax, unknown profile)."""
+
+
+class Config(Mapping):
+    """Read-only nested mapping with attribute access (``cfg.train.lr``)."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        object.__setattr__(self, "_data", {k: _freeze(v) for k, v in data.items()})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(
+                f"config has no key '{key}'; valid keys: {sorted(self._data)}"
+            ) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise TypeError("Config is frozen; use load_config(..., overrides) or Config.replace()")
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dotted lookup: ``cfg.get("train.lr")``."""
+        node: Any = self
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: v.to_dict() if isinstance(v, Config) else _thaw(v) for k, v in self._data.items()
+        }
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with ``dotted.key=value`` changes (validated like CLI overrides, not logged)."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(data, key, value, source="replace()")
+        return Config(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return Config(value)
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _check_keys(delta: Mapping[str, Any], schema: Mapping[str, Any], where: str, prefix: str = ""):
+    """Raise if ``delta`` holds a key that ``schema`` (base.yaml) does not declare."""
+    for key, value in delta.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(
+                f"unknown config key '{name}' in {where}; valid keys"
+                f"{' under ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(sorted(schema))}"
+            )
+        if key in _FREE_KEYS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"'{name}' in {where} must be a mapping")
+            continue
+        if isinstance(schema[key], Mapping) and schema[key]:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"'{name}' in {where} must be a mapping, got {value!r}")
+            _check_keys(value, schema[key], where, prefix=f"{name}.")
+
+
+def _merge(into: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``delta`` into a copy of ``into`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(into)
+    for key, value in delta.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> Any:
+    """Set ``a.b.c`` in ``data``; only existing keys (or keys inside a params mapping). Returns the old value."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(_unknown(key, node, parts[: i + 1], source))
+        node = node[part]
+    last = parts[-1]
+    inside_params = len(parts) > 1 and parts[-2] in _FREE_KEYS
+    if last not in node and not inside_params:
+        raise ConfigError(_unknown(key, node, parts, source))
+    old = node.get(last)
+    if isinstance(old, dict) and old and not isinstance(value, dict):
+        raise ConfigError(
+            f"'{key}' ({source}) is a section; set one of its keys: {', '.join(sorted(old))}"
+        )
+    node[last] = value
+    return old
+
+
+def _unknown(key: str, node: Mapping[str, Any], parts: list[str], source: str) -> str:
+    where = ".".join(parts[:-1])
+    return (
+        f"unknown config key '{key}' ({source}); valid keys"
+        f"{' under ' + repr(where) if where else ''}: {', '.join(sorted(node))}"
+    )
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-4", "model.params.rnn=lstm"]`` -> ``[("train.lr", 0.0001), ...]``."""
+    parsed = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key != key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Resolve base.yaml + ``path`` (a stage file; None = base only) + profile + ``overrides``."""
+    base = _read_yaml(BASE_CONFIG)
+    base_profiles = base.pop("profiles", {}) or {}
+    stage: dict[str, Any] = {}
+    stage_profiles: dict[str, Any] = {}
+    where = "base.yaml"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        stage = _read_yaml(path)
+        stage_profiles = stage.pop("profiles", {}) or {}
+        _check_keys(stage, base, where)
+    data = _merge(base, stage)
+    pairs = parse_overrides(overrides)
+
+    profile = dict(pairs).get("profile", data["profile"])
+    if profile != "full":
+        known = sorted(set(base_profiles) | set(stage_profiles) | {"full"})
+        if profile not in known:
+            raise ConfigError(f"unknown profile '{profile}'; available: {', '.join(known)}")
+        for source, block in (("base.yaml", base_profiles), (where, stage_profiles)):
+            delta = block.get(profile) or {}
+            _check_keys(delta, base, f"{source} profiles.{profile}")
+            data = _merge(data, delta)
+
+    for key, value in pairs:
+        old = _set_dotted(data, key, value, source="command line")
+        log.info("override %s: %r -> %r", key, old, value)
+    if data["exp_name"] is None:
+        data["exp_name"] = path.stem if path is not None else "base"
+    return Config(data)
+
+
+def diff_configs(
+    a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = RUNTIME_KEYS
+) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (``ignore`` keys skipped)."""
+    ignore = set(ignore)
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, Mapping) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = _thaw(v)
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    return write_text(cfg.to_yaml(), path)
