@@ -12,7 +12,7 @@ Products (under ``cfg.output_dir``)::
     <exp>/fold<k>/{config.yaml,train.log,metrics.csv,curves.png,last.pth,best.pth}   train.py
     <exp>/preds_<split>.csv  <exp>/viz/*.png                             inference.py
     stage2_labels_<split>.csv                                            utils/stage2_labels.py
-    cv_report.{md,json}  submission.csv                                  inference.py
+    cv_report.{md,json}  cv_calibration.png  oof_predictions.csv  submission.csv   inference.py
 """
 
 from __future__ import annotations
@@ -110,6 +110,15 @@ def stage2_labels_csv(cfg: Cfg, split: str) -> Path:
 def cv_report(cfg: Cfg, suffix: str) -> Path:
     """``cv_report.md`` / ``cv_report.json``."""
     return Path(cfg["output_dir"]) / f"cv_report.{suffix}"
+
+
+def oof_csv(cfg: Cfg) -> Path:
+    """Final OOF probabilities per study (wide: patient_overall, C1..C7), as scored in the CV report."""
+    return Path(cfg["output_dir"]) / "oof_predictions.csv"
+
+
+def calibration_png(cfg: Cfg) -> Path:
+    return Path(cfg["output_dir"]) / "cv_calibration.png"
 
 
 def submission_csv(cfg: Cfg) -> Path:

@@ -185,7 +185,7 @@ def _job(args: tuple) -> tuple[str, str | None]:
 
 
 # ---- whole data set -----------------------------------------------------------------------------
-def _check_cache_settings(prep: Path, size: int, win: tuple[float, float]) -> None:
+def check_cache_settings(prep: Path, size: int, win: tuple[float, float]) -> None:
     """A cache built with other settings would be silently mixed in: refuse instead."""
     settings = {"size": int(size), "window": [float(v) for v in win]}
     marker = prep / "cache.json"
@@ -238,7 +238,7 @@ def preprocess(data: Path, prep: Path, cfg: Mapping[str, Any], workers: int = 1)
         raise SystemExit(
             f"error: {data} is not a competition folder (no train.csv or test_images/)"
         )
-    _check_cache_settings(prep, size, win)
+    check_cache_settings(prep, size, win)
     jobs = list_jobs(data, prep, size, win)
     log.info(
         "%d studies to process (%d workers), cache %dpx window %s", len(jobs), workers, size, win

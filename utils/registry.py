@@ -10,6 +10,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from utils.config import Config
+
 
 class Registry:
     """``REG = Registry("model")``; ``@REG.register("name")``; ``REG.build("name", params)``."""
@@ -56,7 +58,7 @@ class Registry:
 
 def _plain(value: Any) -> Any:
     """Frozen config values (Config, tuples) -> plain dicts/lists for constructors."""
-    if hasattr(value, "to_dict"):
+    if isinstance(value, Config):
         return value.to_dict()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]

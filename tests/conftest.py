@@ -1,0 +1,67 @@
+"""Shared fixtures: one tiny synthetic RSNA data set, preprocessed once per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from utils.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The `tiny` preset of the synthetic generator (Kaggle layout)."""
+    from utils.make_synthetic import generate
+
+    out = tmp_path_factory.mktemp("rsna_tiny") / "data"
+    generate(out, preset="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_output(tiny_data, tmp_path_factory) -> Path:
+    """An output folder with prep/ (cache + tables) and folds.csv for the tiny data set."""
+    from utils.fold_split import main as fold_main
+    from utils.preprocess_data import main as prep_main
+
+    out = tmp_path_factory.mktemp("rsna_tiny_out")
+    logging.disable(logging.INFO)
+    try:
+        prep_main(["--data-dir", str(tiny_data), "--out-dir", str(out / "prep"), "profile=tiny"])
+        fold_main(
+            [
+                "--train-csv",
+                str(tiny_data / "train.csv"),
+                "--out",
+                str(out / "folds.csv"),
+                "--n-folds",
+                "2",
+            ]
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return out
+
+
+def tiny_overrides(data: Path, output: Path) -> list[str]:
+    return ["profile=tiny", f"data_dir={data}", f"output_dir={output}", "n_folds=2"]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data, tiny_output):
+    """``tiny_cfg("stage1_vertebra", "train.epochs=2")`` -> a resolved tiny-profile config."""
+
+    def make(stage: str, *overrides: str):
+        return load_config(
+            ROOT / "config" / f"{stage}.yaml", [*tiny_overrides(tiny_data, tiny_output), *overrides]
+        )
+
+    return make

@@ -1,0 +1,65 @@
+"""Every registered model: forward shapes, finite outputs, in_chans reaching timm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import MODELS
+
+BATCHES = {
+    "vertebra_bbox_ratio": lambda: {"image": torch.randn(2, 5, 64, 64)},
+    "fracture_seq": lambda: {"image": torch.randn(2, 4, 5, 48, 48)},
+    "patient_head": lambda: {"logits": torch.randn(3, 7), "missing": torch.zeros(3, 7)},
+}
+PARAMS = {
+    "vertebra_bbox_ratio": {"in_chans": 5},
+    "fracture_seq": {"in_chans": 5, "hidden": 16},
+    "patient_head": {},
+}
+SHAPES = {
+    "vertebra_bbox_ratio": {"logits": (2, 11), "box": (2, 4), "ratios": (2, 7)},
+    "fracture_seq": {"logit": (2,), "attention": (2, 4), "embedding": (2, 32)},
+    "patient_head": {"logits": (3, 8)},
+}
+
+
+def test_every_registered_model_is_covered():
+    assert sorted(BATCHES) == MODELS.names()
+
+
+@pytest.mark.parametrize("name", sorted(BATCHES))
+def test_forward_shapes_and_finite(name):
+    torch.manual_seed(0)
+    model = MODELS.build(name, PARAMS[name]).eval()
+    with torch.no_grad():
+        out = model(BATCHES[name]())
+    assert {k: tuple(v.shape) for k, v in out.items()} == SHAPES[name]
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_in_chans_reaches_the_backbone():
+    model = MODELS.build("vertebra_bbox_ratio", {"in_chans": 7})
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 7
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm"])
+def test_sequence_model_under_bf16_autocast_and_backward(rnn):
+    model = MODELS.build("fracture_seq", {"in_chans": 3, "hidden": 8, "rnn": rnn})
+    x = {"image": torch.randn(2, 3, 3, 32, 32)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out["logit"].sum().backward()
+    assert out["logit"].dtype == torch.float32
+    assert torch.allclose(out["attention"].sum(dim=1), torch.ones(2), atol=1e-5)
+    with pytest.raises(ValueError, match="rnn must be"):
+        MODELS.build("fracture_seq", {"rnn": "transformer"})
+
+
+def test_patient_head_starts_from_stage2_logits():
+    head = MODELS.build("patient_head", {})
+    logits = torch.tensor([[-3.0, 2.0, -3.0, -3.0, -3.0, -3.0, -3.0]])
+    out = head.eval()({"logits": logits, "missing": torch.zeros(1, 7)})["logits"]
+    assert torch.allclose(out[0, 1:], logits[0])  # zero-initialised correction
+    assert out[0, 0] >= logits.max()  # patient_overall starts as a soft maximum

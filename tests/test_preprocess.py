@@ -1,0 +1,113 @@
+"""Stage-1 labels with known answers, continuity cleaning, and preprocessing of the tiny data set."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from utils import paths
+from utils.preprocess_data import clean_labels, main, stage1_labels
+
+
+def test_stage1_labels_known_answers():
+    """C1 on slices 0-1 (areas 4 and 2), C2 on slices 1-2 (areas 6 and 3); slice 3 empty."""
+    seg = np.zeros((4, 10, 20), np.uint8)
+    seg[0, 2:4, 5:7] = 1  # C1: 4 px, rows 2-3, cols 5-6
+    seg[1, 0:1, 0:2] = 1  # C1: 2 px
+    seg[1, 5:8, 10:12] = 2  # C2: 6 px
+    seg[2, 9:10, 17:20] = 2  # C2: 3 px
+    seg[2, 0, 0] = 9  # a thoracic label is ignored
+    df = stage1_labels(seg)
+    assert df["C1"].tolist() == [1.0, 0.5, 0.0, 0.0]
+    assert df["C2"].tolist() == [0.0, 1.0, 0.5, 0.0]
+    assert (df[["C3", "C4", "C5", "C6", "C7"]] == 0).all().all()
+    assert df["vertebrae"].tolist() == [1, 1, 1, 0]
+    # Box normalised by width (20) and height (10) separately, x1/y1 exclusive.
+    np.testing.assert_allclose(
+        df.loc[0, ["x0", "y0", "x1", "y1"]], [5 / 20, 2 / 10, 7 / 20, 4 / 10]
+    )
+    np.testing.assert_allclose(
+        df.loc[1, ["x0", "y0", "x1", "y1"]], [0 / 20, 0 / 10, 12 / 20, 8 / 10]
+    )
+    np.testing.assert_allclose(
+        df.loc[2, ["x0", "y0", "x1", "y1"]], [17 / 20, 9 / 10, 20 / 20, 10 / 10]
+    )
+    np.testing.assert_allclose(df.loc[3, ["x0", "y0", "x1", "y1"]], 0.0)
+
+
+def test_continuity_cleaning_drops_stray_labels():
+    present = np.zeros((6, 7), bool)
+    present[0, 0] = True  # C1
+    present[1, [0, 1]] = True  # C1, C2
+    present[2, [1, 5]] = True  # C2 and a stray C6
+    present[3, [1, 2]] = True  # C2, C3
+    present[4, 2] = True  # C3
+    present[5, 0] = True  # a stray C1 below C3
+    kept = clean_labels(present)
+    expected = present.copy()
+    expected[2, 5] = False
+    expected[5, 0] = False
+    np.testing.assert_array_equal(kept, expected)
+
+
+def test_stray_voxels_do_not_count_in_ratio_or_box():
+    seg = np.zeros((3, 8, 8), np.uint8)
+    seg[0, 1:3, 1:3] = 1
+    seg[1, 1:3, 1:3] = 2
+    seg[1, 7, 7] = 6  # stray C6 voxel: must not widen the box nor create a C6 ratio
+    seg[2, 1:3, 1:3] = 3
+    df = stage1_labels(seg)
+    assert df["C6"].sum() == 0
+    np.testing.assert_allclose(df.loc[1, ["x0", "y0", "x1", "y1"]], [1 / 8, 1 / 8, 3 / 8, 3 / 8])
+
+
+def test_preprocess_tiny(tiny_data, tiny_output):
+    prep = tiny_output / "prep"
+    studies = pd.read_csv(paths.studies_csv(prep))
+    train = pd.read_csv(tiny_data / "train.csv")
+    n_test = len([p for p in (tiny_data / "test_images").iterdir() if p.is_dir()])
+    assert len(studies) == len(train) + n_test
+    for col in [
+        "StudyInstanceUID",
+        "split",
+        "n_files",
+        "n_slices",
+        "rows",
+        "cols",
+        "reversed",
+        "n_skipped",
+        "transfer_syntaxes",
+        "z_spacing",
+        "pixel_spacing_row",
+        "has_seg",
+    ]:
+        assert col in studies.columns
+    assert studies["reversed"].any() and (studies["rows"] != studies["cols"]).any()
+    labels = pd.read_csv(paths.stage1_labels_csv(prep))
+    seg_studies = studies[studies.has_seg]
+    assert len(labels) == seg_studies["n_slices"].sum()
+    for _, row in studies.iterrows():
+        vol = np.load(paths.volume_path(prep, row.StudyInstanceUID), mmap_mode="r")
+        assert vol.shape == (row.n_slices, 64, 64) and vol.dtype == np.uint8
+    # Every segmented study has each vertebra's peak ratio at exactly 1, and C1 above C7.
+    for _, g in labels.groupby("StudyInstanceUID"):
+        assert np.allclose(g[[f"C{i}" for i in range(1, 8)]].max(), 1.0)
+        assert g.loc[g["C1"] > 0, "slice"].mean() < g.loc[g["C7"] > 0, "slice"].mean()
+    assert json.loads((prep / "cache.json").read_text())["size"] == 64
+
+
+def test_preprocess_resumes_and_refuses_other_cache_settings(tiny_data, tiny_output, caplog):
+    caplog.set_level(logging.INFO)
+    prep = tiny_output / "prep"
+    before = paths.studies_csv(prep).read_bytes()
+    main(["--data-dir", str(tiny_data), "--out-dir", str(prep), "profile=tiny"])
+    assert "0 studies to process" in caplog.text
+    assert paths.studies_csv(prep).read_bytes() == before
+    with pytest.raises(SystemExit, match="cache built with"):
+        main(
+            ["--data-dir", str(tiny_data), "--out-dir", str(prep), "profile=tiny", "cache.size=32"]
+        )

@@ -1,0 +1,44 @@
+"""Localisation of stage-1 predictions into stage-2 inputs (known answers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from utils.stage2_labels import COLUMNS, localize, longest_run
+
+
+def test_longest_run():
+    assert longest_run(np.array([0, 1, 1, 0, 1, 1, 1, 0], bool)) == (4, 6)
+    assert longest_run(np.zeros(4, bool)) is None
+
+
+def _preds(
+    uid: str, n: int, spans: dict[str, tuple[int, int]], box=(0.3, 0.2, 0.6, 0.7)
+) -> pd.DataFrame:
+    df = pd.DataFrame({"StudyInstanceUID": uid, "slice": np.arange(n)})
+    for i in range(1, 8):
+        df[f"C{i}"] = 0.0
+    for v, (a, b) in spans.items():
+        df.loc[a:b, v] = 1.0
+    df[["x0", "y0", "x1", "y1"]] = box
+    return df
+
+
+def test_localize_known_ranges_and_box():
+    preds = pd.concat([_preds("s1", 30, {"C1": (2, 6), "C2": (7, 12)}), _preds("empty", 10, {})])
+    out = localize(preds, smooth=1, thresh=0.5, margin=0.1)
+    assert list(out.columns) == COLUMNS
+    assert out.StudyInstanceUID.unique().tolist() == ["s1"]  # nothing found in "empty"
+    c1 = out[out.vertebra == "C1"].iloc[0]
+    assert (c1.start, c1.end, c1.n_slices) == (2, 6, 5)
+    np.testing.assert_allclose(c1[["x0", "y0", "x1", "y1"]].astype(float), [0.27, 0.15, 0.63, 0.75])
+
+
+def test_smoothing_removes_single_slice_spikes_and_box_is_clipped():
+    preds = _preds("s", 20, {"C3": (5, 12)}, box=(0.0, 0.0, 1.0, 1.0))
+    preds.loc[17, "C3"] = 1.0  # isolated spike
+    out = localize(preds, smooth=5, thresh=0.5, margin=0.2)
+    row = out.iloc[0]
+    assert (row.start, row.end) == (5, 12)
+    assert row[["x0", "y0"]].tolist() == [0.0, 0.0] and row[["x1", "y1"]].tolist() == [1.0, 1.0]

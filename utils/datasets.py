@@ -1,0 +1,338 @@
+"""Dataset registry: each stage's samples, read from the uint8 volume cache (never from DICOM).
+
+A registered dataset class provides
+
+- ``load_table(cfg) -> DataFrame``: every training row of the stage (with ``StudyInstanceUID``);
+  train.py splits it with the fold file;
+- ``__init__(table, cfg, train, **params)`` and ``__getitem__ -> dict`` of tensors;
+- ``set_epoch(epoch)``: augmentation is seeded by (seed, epoch, index), so a resumed run and
+  a straight run see identical samples whatever the worker scheduling;
+- ``evaluate(outputs, table) -> dict`` of validation metrics on concatenated model outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import Dataset
+
+from utils import paths
+from utils.metric import TARGETS, score
+from utils.registry import Registry
+
+DATASETS = Registry("dataset")
+VERTEBRAE = [f"C{i}" for i in range(1, 8)]
+BOX_COLS = ["x0", "y0", "x1", "y1"]
+
+
+def build_dataset(cfg, table: pd.DataFrame, train: bool) -> Dataset:
+    return DATASETS.build(
+        cfg["dataset"]["name"], cfg["dataset"]["params"], table=table, cfg=cfg, train=train
+    )
+
+
+@lru_cache(maxsize=64)
+def _volume(path: str) -> np.ndarray:
+    """Memory-mapped (Z, S, S) uint8 volume; cached per process (each worker maps its own)."""
+    return np.load(path, mmap_mode="r")
+
+
+def stack_slices(vol: np.ndarray, centre: int, in_chans: int, step: int) -> np.ndarray:
+    """(H, W, in_chans) uint8: slices ``centre + (k - in_chans // 2) * step``, clamped to the volume."""
+    idx = np.clip(centre + (np.arange(in_chans) - in_chans // 2) * step, 0, len(vol) - 1)
+    return np.ascontiguousarray(np.moveaxis(vol[idx], 0, -1))
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """(..., H, W, C) uint8 -> (..., C, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(img).movedim(-1, -3).float().div_(127.5).sub_(1.0)
+
+
+def geometric_aug(strength: float, with_boxes: bool = False) -> A.Compose:
+    """Train-time augmentation shared by both stages; applied identically to all channels."""
+    ops = [
+        A.HorizontalFlip(p=0.5),
+        A.Affine(
+            scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
+            translate_percent=(-0.06 * strength, 0.06 * strength),
+            rotate=(-12 * strength, 12 * strength),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            p=0.7,
+        ),
+        A.RandomBrightnessContrast(0.15 * strength, 0.15 * strength, p=0.5),
+    ]
+    bbox = (
+        A.BboxParams(format="albumentations", label_fields=["box_labels"], clip=True)
+        if with_boxes
+        else None
+    )
+    return A.Compose(ops, bbox_params=bbox, seed=0)
+
+
+class _CacheDataset(Dataset):
+    """Common parts: table, prep dir, per-sample seeding of the augmentation."""
+
+    def __init__(self, table: pd.DataFrame, cfg: Mapping[str, Any], train: bool, aug: float):
+        self.table = table.reset_index(drop=True)
+        self.prep = paths.prep_dir(cfg)
+        self.train = train
+        self.seed = int(cfg["seed"])
+        self.epoch = 0
+        self.aug = aug if train else 0.0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def volume(self, uid: str) -> np.ndarray:
+        return _volume(str(paths.volume_path(self.prep, uid)))
+
+
+# ---- stage 1 ------------------------------------------------------------------------------------
+@DATASETS.register("vertebra_slices")
+class VertebraSlices(_CacheDataset):
+    """One 2.5D slice per row: ``image`` (in_chans, H, W); targets of the CENTRE slice.
+
+    Targets (train/val): ``box`` (4,) normalised x0, y0, x1, y1; ``ratios`` (7,); ``vertebrae`` ().
+    Rows without targets (inference tables: StudyInstanceUID, slice) give the image only.
+    """
+
+    def __init__(
+        self,
+        table,
+        cfg,
+        train,
+        image_size: int = 128,
+        in_chans: int = 3,
+        slice_step: int = 1,
+        aug: float = 1.0,
+    ):
+        super().__init__(table, cfg, train, aug)
+        self.image_size, self.in_chans, self.slice_step = image_size, in_chans, slice_step
+        self.has_targets = set(VERTEBRAE + BOX_COLS) <= set(self.table.columns)
+        self.transform = geometric_aug(self.aug, with_boxes=True) if self.aug else None
+
+    @staticmethod
+    def load_table(cfg) -> pd.DataFrame:
+        path = paths.stage1_labels_csv(paths.prep_dir(cfg))
+        table = pd.read_csv(path)
+        if table.empty:
+            raise ValueError(
+                f"{path} has no rows: stage 1 needs segmented studies (segmentations/*.nii)"
+            )
+        return table
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.table.iloc[index]
+        img = stack_slices(
+            self.volume(row.StudyInstanceUID), int(row.slice), self.in_chans, self.slice_step
+        )
+        if img.shape[0] != self.image_size:
+            img = cv2.resize(img, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+            img = img.reshape(self.image_size, self.image_size, -1)
+        sample: dict[str, torch.Tensor] = {}
+        if not self.has_targets:
+            return {"image": to_tensor(img)}
+        box = row[BOX_COLS].to_numpy(np.float32)
+        has_box = bool(row.vertebrae and box[2] > box[0] and box[3] > box[1])
+        if self.transform is not None:
+            self.transform.set_random_seed(int(self.rng(index).integers(2**31)))
+            res = self.transform(
+                image=img, bboxes=[box] if has_box else np.zeros((0, 4)), box_labels=[0] * has_box
+            )
+            img = res["image"]
+            if has_box and len(res["bboxes"]):
+                box = np.asarray(res["bboxes"][0], np.float32)
+            has_box = has_box and len(res["bboxes"]) > 0
+        sample["image"] = to_tensor(img)
+        sample["box"] = torch.from_numpy(box if has_box else np.zeros(4, np.float32))
+        sample["ratios"] = torch.from_numpy(row[VERTEBRAE].to_numpy(np.float32))
+        sample["vertebrae"] = torch.tensor(float(has_box))
+        return sample
+
+    @staticmethod
+    def evaluate(out: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
+        ratios = table[VERTEBRAE].to_numpy(np.float32)
+        has = table["vertebrae"].to_numpy() > 0
+        box_mae = np.abs(out["box"][has] - table.loc[has, BOX_COLS].to_numpy(np.float32)).mean()
+        return {
+            "ratio_mae": float(np.abs(out["ratios"] - ratios).mean()),
+            "box_mae": float(box_mae),
+        }
+
+
+# ---- stage 2 ------------------------------------------------------------------------------------
+@DATASETS.register("vertebra_sequences")
+class VertebraSequences(_CacheDataset):
+    """One (study, vertebra) per row: ``image`` (seq_len, in_chans, H, W) crops of the study box.
+
+    ``seq_len`` centre slices are spread evenly over the vertebra's slice range [start, end]
+    (training jitters them by up to half a step); every crop is the same study box (normalised
+    x0, y0, x1, y1, so it is right for non-square slices), and one augmentation is applied to the
+    whole sequence. Target (train/val): ``target`` () = fractured.
+    """
+
+    def __init__(
+        self,
+        table,
+        cfg,
+        train,
+        image_size: int = 96,
+        in_chans: int = 3,
+        seq_len: int = 24,
+        slice_step: int = 1,
+        aug: float = 1.0,
+    ):
+        super().__init__(table, cfg, train, aug)
+        self.image_size, self.in_chans, self.seq_len, self.slice_step = (
+            image_size,
+            in_chans,
+            seq_len,
+            slice_step,
+        )
+        self.transform = geometric_aug(self.aug) if self.aug else None
+
+    @staticmethod
+    def load_table(cfg) -> pd.DataFrame:
+        """stage2_labels_oof.csv (from stage-1 OOF predictions) joined with the train.csv labels."""
+        ranges = pd.read_csv(paths.stage2_labels_csv(cfg, "oof"))
+        labels = pd.read_csv(paths.labels_csv(paths.data_dir(cfg)))
+        long = labels.melt(
+            "StudyInstanceUID", VERTEBRAE, var_name="vertebra", value_name="fractured"
+        )
+        return ranges.merge(long, on=["StudyInstanceUID", "vertebra"], how="inner", validate="1:1")
+
+    def centres(self, start: int, end: int, index: int) -> np.ndarray:
+        pos = np.linspace(start, end, self.seq_len)
+        if self.train and self.aug and end > start:
+            half = 0.5 * (end - start) / max(self.seq_len - 1, 1)
+            pos = pos + self.rng(index).uniform(-half, half, self.seq_len)
+        return np.clip(np.rint(pos), start, end).astype(int)
+
+    def crop(self, img: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """(S, S, C) -> (image_size, image_size, C) crop of the normalised box."""
+        h, w = img.shape[:2]
+        x0, x1 = int(np.floor(box[0] * w)), int(np.ceil(box[2] * w))
+        y0, y1 = int(np.floor(box[1] * h)), int(np.ceil(box[3] * h))
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
+        out = cv2.resize(
+            img[y0:y1, x0:x1], (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR
+        )
+        return out.reshape(self.image_size, self.image_size, -1)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.table.iloc[index]
+        vol = self.volume(row.StudyInstanceUID)
+        box = row[BOX_COLS].to_numpy(np.float64)
+        seq = [
+            self.crop(stack_slices(vol, c, self.in_chans, self.slice_step), box)
+            for c in self.centres(int(row.start), int(row.end), index)
+        ]
+        img = np.concatenate(seq, axis=-1)  # (H, W, S * C): one transform for the whole sequence
+        if self.transform is not None:
+            self.transform.set_random_seed(int(self.rng(index).integers(2**31)))
+            img = self.transform(image=img)["image"]
+        img = img.reshape(self.image_size, self.image_size, self.seq_len, self.in_chans)
+        sample = {"image": to_tensor(np.moveaxis(img, 2, 0))}
+        if "fractured" in row:
+            sample["target"] = torch.tensor(float(row.fractured))
+        return sample
+
+    @staticmethod
+    def evaluate(out: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
+        y = table["fractured"].to_numpy(np.float64)
+        p = np.clip(1 / (1 + np.exp(-out["logit"].astype(np.float64))), 1e-7, 1 - 1e-7)
+        w = np.where(y > 0, 2.0, 1.0)
+        wll = float((w * -(y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum())
+        auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+        return {"wlogloss": wll, "auc": auc}
+
+
+# ---- patient level ------------------------------------------------------------------------------
+def study_logit_table(
+    preds: pd.DataFrame, priors: Mapping[str, float], uids: Iterable[str] | None = None
+) -> pd.DataFrame:
+    """Per-vertebra stage-2 logits (long) -> one row per study: ``logit_Ci`` and ``missing_Ci``.
+
+    ``uids`` (default: the studies in ``preds``) sets the rows, so a study without any prediction
+    still gets one. A vertebra without a prediction gets the logit of its train prior and
+    ``missing_Ci = 1``.
+    """
+    wide = preds.pivot_table(index="StudyInstanceUID", columns="vertebra", values="logit")
+    wide = wide.reindex(columns=VERTEBRAE)
+    if uids is not None:
+        wide = wide.reindex(pd.Index(list(uids), name="StudyInstanceUID"))
+    out = pd.DataFrame(index=wide.index)
+    for v in VERTEBRAE:
+        p = float(np.clip(priors[v], 1e-4, 1 - 1e-4))
+        out[f"missing_{v}"] = wide[v].isna().astype(np.float32)
+        out[f"logit_{v}"] = wide[v].fillna(np.log(p / (1 - p))).astype(np.float32)
+    return out.reset_index()
+
+
+def train_priors(cfg) -> dict[str, float]:
+    """Prevalence of each target in train.csv (fills for studies/vertebrae without predictions)."""
+    labels = pd.read_csv(paths.labels_csv(paths.data_dir(cfg)))
+    return {t: float(labels[t].mean()) for t in TARGETS}
+
+
+@DATASETS.register("study_logits")
+class StudyLogits(Dataset):
+    """One study per row: ``logits`` (7,), ``missing`` (7,); target ``targets`` (8,) in TARGETS order."""
+
+    def __init__(self, table, cfg, train):
+        self.table = table.reset_index(drop=True)
+        self.logits = torch.tensor(
+            self.table[[f"logit_{v}" for v in VERTEBRAE]].to_numpy(np.float32)
+        )
+        self.missing = torch.tensor(
+            self.table[[f"missing_{v}" for v in VERTEBRAE]].to_numpy(np.float32)
+        )
+        self.targets = (
+            torch.tensor(self.table[TARGETS].to_numpy(np.float32))
+            if set(TARGETS) <= set(self.table)
+            else None
+        )
+
+    @staticmethod
+    def load_table(cfg) -> pd.DataFrame:
+        """Upstream (stage-2) OOF predictions pivoted per study, joined with train.csv."""
+        preds = pd.read_csv(paths.preds_csv(cfg, "oof", exp=cfg["upstream"]))
+        labels = pd.read_csv(paths.labels_csv(paths.data_dir(cfg)))
+        table = study_logit_table(preds, train_priors(cfg))
+        return table.merge(labels, on="StudyInstanceUID", how="inner", validate="1:1")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def set_epoch(self, epoch: int) -> None:
+        """No augmentation: nothing depends on the epoch."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = {"logits": self.logits[index], "missing": self.missing[index]}
+        if self.targets is not None:
+            sample["targets"] = self.targets[index]
+        return sample
+
+    @staticmethod
+    def evaluate(out: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
+        probs = 1 / (1 + np.exp(-out["logits"].astype(np.float64)))
+        pred = pd.DataFrame(probs, columns=TARGETS).assign(
+            StudyInstanceUID=table["StudyInstanceUID"].values
+        )
+        return {"metric": score(pred, table[["StudyInstanceUID", *TARGETS]])}

@@ -1,0 +1,99 @@
+"""Device, mixed precision, data loaders and batched prediction shared by train.py and inference.py."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils.seed import loader_generator, worker_init_fn
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(cfg, device: torch.device):
+    """bf16 autocast on CPU and on bf16-capable GPUs, fp16 on older GPUs; off when ``train.amp`` is false."""
+    if not cfg["train"]["amp"]:
+        return nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def needs_scaler(cfg, device: torch.device) -> bool:
+    """fp16 (not bf16) needs loss scaling."""
+    return (
+        bool(cfg["train"]["amp"]) and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
+
+
+def to_device(
+    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool
+) -> dict[str, torch.Tensor]:
+    """Move a batch; 4-D image tensors go channels_last when asked (5-D sequences are reshaped in the model)."""
+    out = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.ndim == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def make_loader(cfg, ds: Dataset, train: bool, epoch: int = 0) -> DataLoader:
+    """Shuffled (train) or ordered loader; the order depends only on ``seed + epoch``."""
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(epoch)
+    bs = cfg["train"]["batch_size"] if train else cfg["infer"]["batch_size"]
+    return DataLoader(
+        ds,
+        batch_size=bs,
+        shuffle=train,
+        drop_last=train and len(ds) > bs,
+        num_workers=cfg["num_workers"],
+        generator=loader_generator(cfg["seed"] + epoch),
+        worker_init_fn=worker_init_fn,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
+    model = model.to(device)
+    if cfg["train"]["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.inference_mode()
+def predict(
+    cfg, model, loader, device, loss_fn=None, desc: str = "predict"
+) -> tuple[dict[str, np.ndarray], float]:
+    """Concatenated float32 model outputs over ``loader`` (+ the mean loss when ``loss_fn`` is given)."""
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {}
+    total, n = 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not cfg["progress"]):
+        batch = to_device(batch, device, cfg["train"]["channels_last"])
+        with autocast(cfg, device):
+            out = model(batch)
+        if loss_fn is not None:
+            size = len(next(iter(batch.values())))
+            total += loss_fn(out, batch).item() * size
+            n += size
+        for key, value in out.items():
+            outs.setdefault(key, []).append(value.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}, (total / n if n else float("nan"))
+
+
+def mean_outputs(outputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Average the outputs of several models (fold ensemble) key by key."""
+    return {k: np.mean([o[k] for o in outputs], axis=0) for k in outputs[0]}

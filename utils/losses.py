@@ -1,0 +1,77 @@
+"""Loss registry: ``loss(outputs, batch) -> scalar tensor`` chosen by ``loss.name``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.registry import Registry
+
+LOSSES = Registry("loss")
+
+# Competition weights (metric_and_competition.md §1): (positive, negative).
+OVERALL_WEIGHTS = (14.0, 7.0)
+VERTEBRA_WEIGHTS = (2.0, 1.0)
+
+
+def build_loss(cfg) -> nn.Module:
+    return LOSSES.build(cfg["loss"]["name"], cfg["loss"]["params"])
+
+
+@LOSSES.register("box_ratio_l1")
+class BoxRatioL1(nn.Module):
+    """Stage 1: ``box_weight`` x L1(box) on slices showing a vertebra + ``ratio_weight`` x L1(ratios).
+
+    ``batch["box"]`` (B, 4) normalised targets, ``batch["ratios"]`` (B, 7), ``batch["vertebrae"]`` (B,).
+    """
+
+    def __init__(self, box_weight: float = 0.5, ratio_weight: float = 0.5):
+        super().__init__()
+        self.box_weight, self.ratio_weight = box_weight, ratio_weight
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ratio = F.l1_loss(out["ratios"], batch["ratios"])
+        has_box = batch["vertebrae"] > 0
+        box = (
+            F.l1_loss(out["box"][has_box], batch["box"][has_box])
+            if has_box.any()
+            else out["box"].sum() * 0.0  # keeps the graph when a batch holds no vertebra slice
+        )
+        return self.box_weight * box + self.ratio_weight * ratio
+
+
+@LOSSES.register("weighted_bce")
+class WeightedBCE(nn.Module):
+    """Stage 2: BCE on one logit per sample, positives weighted ``pos_weight``, negatives ``neg_weight``.
+
+    Normalised by the weight sum (as the metric does), so the 2:1 ratio really changes training.
+    """
+
+    def __init__(
+        self, pos_weight: float = VERTEBRA_WEIGHTS[0], neg_weight: float = VERTEBRA_WEIGHTS[1]
+    ):
+        super().__init__()
+        self.pos_weight, self.neg_weight = pos_weight, neg_weight
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = batch["target"].float()
+        w = torch.where(y > 0.5, self.pos_weight, self.neg_weight)
+        loss = F.binary_cross_entropy_with_logits(out["logit"], y, reduction="none")
+        return (w * loss).sum() / w.sum()
+
+
+@LOSSES.register("competition")
+class CompetitionLoss(nn.Module):
+    """Patient level: the competition metric as a loss (per-study weighted log loss, mean over studies).
+
+    ``out["logits"]`` and ``batch["targets"]``: (B, 8) in the order patient_overall, C1..C7.
+    """
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = batch["targets"].float()
+        pos = torch.tensor([OVERALL_WEIGHTS[0]] + [VERTEBRA_WEIGHTS[0]] * 7, device=y.device)
+        neg = torch.tensor([OVERALL_WEIGHTS[1]] + [VERTEBRA_WEIGHTS[1]] * 7, device=y.device)
+        w = y * pos + (1 - y) * neg
+        loss = F.binary_cross_entropy_with_logits(out["logits"].float(), y, reduction="none")
+        return ((w * loss).sum(dim=1) / w.sum(dim=1)).mean()

@@ -1,0 +1,29 @@
+"""Seeding: one recorded seed drives python, numpy, torch and the data loaders."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A generator for DataLoader shuffling, so the sample order depends only on ``seed``."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Give each DataLoader worker distinct numpy / python seeds derived from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
