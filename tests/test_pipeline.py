@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_overrides
 
 import inference
 import train
-from conftest import tiny_overrides
 from utils import paths
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
