@@ -306,9 +306,7 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     ensure_cached(s1, uids)
     p1 = predict_stage1(s1, load_models(s1).values(), uids)
     write_csv(p1, paths.preds_csv(cfg, "test", exp=s1.exp_name))
-    loc = localize(
-        p1, int(s2.localize.smooth), float(s2.localize.vert_thresh), float(s2.localize.box_margin)
-    )
+    loc = localize(p1, **s2.localize)
     write_csv(loc, paths.stage2_labels_csv(cfg, "test"))
     p2 = predict_stage2(s2, load_models(s2).values(), loc)
     write_csv(p2, paths.preds_csv(cfg, "test", exp=s2_exp))

@@ -32,6 +32,7 @@ from utils.engine import (
     needs_scaler,
     predict,
     prepare_model,
+    progress_off,
     resolve_device,
     to_device,
 )
@@ -87,7 +88,7 @@ def train_one_epoch(cfg, model, loader, loss_fn, opt, sched, scaler, device) -> 
     model.train()
     total, n = 0.0, 0
     limit = cfg.train.max_train_batches
-    bar = tqdm(loader, desc="train", leave=False, disable=not cfg.progress)
+    bar = tqdm(loader, desc="train", leave=False, disable=progress_off(cfg))
     for i, batch in enumerate(bar):
         if limit is not None and i >= limit:
             break

@@ -8,7 +8,7 @@ import torch
 from models import MODELS
 
 BATCHES = {
-    "vertebra_bbox_ratio": lambda: {"image": torch.randn(2, 5, 64, 64)},
+    "vertebra_bbox_ratio": lambda: {"image": torch.randn(2, 5, 64, 64), "z": torch.rand(2)},
     "fracture_seq": lambda: {"image": torch.randn(2, 4, 5, 48, 48)},
     "patient_head": lambda: {"logits": torch.randn(3, 7), "missing": torch.zeros(3, 7)},
 }
@@ -18,7 +18,7 @@ PARAMS = {
     "patient_head": {},
 }
 SHAPES = {
-    "vertebra_bbox_ratio": {"logits": (2, 11), "box": (2, 4), "ratios": (2, 7)},
+    "vertebra_bbox_ratio": {"box": (2, 4), "ratio_logits": (2, 7), "ratios": (2, 7)},
     "fracture_seq": {"logit": (2,), "attention": (2, 4), "embedding": (2, 32)},
     "patient_head": {"logits": (3, 8)},
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from utils.stage2_labels import COLUMNS, localize, longest_run
+from utils.stage2_labels import COLUMNS, localize, longest_run, ordered_labels
 
 
 def test_longest_run():
@@ -27,7 +27,7 @@ def _preds(
 
 def test_localize_known_ranges_and_box():
     preds = pd.concat([_preds("s1", 30, {"C1": (2, 6), "C2": (7, 12)}), _preds("empty", 10, {})])
-    out = localize(preds, smooth=1, thresh=0.5, margin=0.1)
+    out = localize(preds, smooth=1, vert_thresh=0.5, box_margin=0.1)
     assert list(out.columns) == COLUMNS
     assert out.StudyInstanceUID.unique().tolist() == ["s1"]  # nothing found in "empty"
     c1 = out[out.vertebra == "C1"].iloc[0]
@@ -38,7 +38,44 @@ def test_localize_known_ranges_and_box():
 def test_smoothing_removes_single_slice_spikes_and_box_is_clipped():
     preds = _preds("s", 20, {"C3": (5, 12)}, box=(0.0, 0.0, 1.0, 1.0))
     preds.loc[17, "C3"] = 1.0  # isolated spike
-    out = localize(preds, smooth=5, thresh=0.5, margin=0.2)
+    out = localize(preds, smooth=5, vert_thresh=0.5, box_margin=0.2)
     row = out.iloc[0]
     assert (row.start, row.end) == (5, 12)
     assert row[["x0", "y0"]].tolist() == [0.0, 0.0] and row[["x1", "y1"]].tolist() == [1.0, 1.0]
+
+
+def test_ordered_decoding_resolves_ambiguous_identities():
+    """Seven bone runs separated by discs, identity nearly uniform: order decides (C1 first)."""
+    ratios = np.full((60, 7), 0.01)
+    truth = np.zeros(60, int)
+    for j in range(7):
+        a = 3 + 8 * j
+        truth[a : a + 6] = j + 1
+        ratios[a : a + 6] = 0.12  # presence 0.84, identity uninformative ...
+        ratios[a : a + 6, j] = 0.14  # ... but for a slight preference
+    ratios[5, 4] = 0.5  # a confident wrong identity on one slice cannot break the order
+    labels = ordered_labels(ratios, ratios, thresh=0.3)
+    np.testing.assert_array_equal(labels, truth)
+    # Thresholding each vertebra's own ratio finds only the one confident (wrong) slice.
+    unordered = localize(_frame(ratios), smooth=1, vert_thresh=0.3, box_margin=0.0, ordered=False)
+    assert unordered[["vertebra", "start", "end"]].values.tolist() == [["C5", 5, 5]]
+
+
+def test_ordered_decoding_may_start_below_c1():
+    ratios = np.full((20, 7), 0.0)
+    ratios[2:8, 2] = 0.9  # clearly C3, then C4
+    ratios[10:16, 3] = 0.9
+    labels = ordered_labels(ratios, ratios, thresh=0.3)
+    assert (
+        set(labels[2:8]) == {3}
+        and set(labels[10:16]) == {4}
+        and labels[[0, 9, 18]].tolist() == [0, 0, 0]
+    )
+
+
+def _frame(ratios: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame(ratios, columns=[f"C{i}" for i in range(1, 8)])
+    df.insert(0, "slice", np.arange(len(df)))
+    df.insert(0, "StudyInstanceUID", "s")
+    df[["x0", "y0", "x1", "y1"]] = (0.2, 0.2, 0.8, 0.8)
+    return df

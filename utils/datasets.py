@@ -105,7 +105,7 @@ class _CacheDataset(Dataset):
 # ---- stage 1 ------------------------------------------------------------------------------------
 @DATASETS.register("vertebra_slices")
 class VertebraSlices(_CacheDataset):
-    """One 2.5D slice per row: ``image`` (in_chans, H, W); targets of the CENTRE slice.
+    """One 2.5D slice per row: ``image`` (in_chans, H, W), ``z`` () relative position; targets of the CENTRE slice.
 
     Targets (train/val): ``box`` (4,) normalised x0, y0, x1, y1; ``ratios`` (7,); ``vertebrae`` ().
     Rows without targets (inference tables: StudyInstanceUID, slice) give the image only.
@@ -138,15 +138,15 @@ class VertebraSlices(_CacheDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.table.iloc[index]
-        img = stack_slices(
-            self.volume(row.StudyInstanceUID), int(row.slice), self.in_chans, self.slice_step
-        )
+        vol = self.volume(row.StudyInstanceUID)
+        img = stack_slices(vol, int(row.slice), self.in_chans, self.slice_step)
+        z = torch.tensor(int(row.slice) / max(len(vol) - 1, 1), dtype=torch.float32)
         if img.shape[0] != self.image_size:
             img = cv2.resize(img, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
             img = img.reshape(self.image_size, self.image_size, -1)
-        sample: dict[str, torch.Tensor] = {}
+        sample: dict[str, torch.Tensor] = {"z": z}
         if not self.has_targets:
-            return {"image": to_tensor(img)}
+            return {"image": to_tensor(img), "z": z}
         box = row[BOX_COLS].to_numpy(np.float32)
         has_box = bool(row.vertebrae and box[2] > box[0] and box[3] > box[1])
         if self.transform is not None:

@@ -13,6 +13,11 @@ from tqdm import tqdm
 from utils.seed import loader_generator, worker_init_fn
 
 
+def progress_off(cfg) -> bool | None:
+    """tqdm's ``disable``: None lets tqdm hide bars when stderr is not a terminal (log files, CI)."""
+    return None if cfg["progress"] else True
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; otherwise the named device."""
     if name == "auto":
@@ -81,7 +86,7 @@ def predict(
     model.eval()
     outs: dict[str, list[np.ndarray]] = {}
     total, n = 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not cfg["progress"]):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off(cfg)):
         batch = to_device(batch, device, cfg["train"]["channels_last"])
         with autocast(cfg, device):
             out = model(batch)

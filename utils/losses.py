@@ -19,19 +19,28 @@ def build_loss(cfg) -> nn.Module:
     return LOSSES.build(cfg["loss"]["name"], cfg["loss"]["params"])
 
 
-@LOSSES.register("box_ratio_l1")
-class BoxRatioL1(nn.Module):
-    """Stage 1: ``box_weight`` x L1(box) on slices showing a vertebra + ``ratio_weight`` x L1(ratios).
+@LOSSES.register("box_ratio")
+class BoxRatioLoss(nn.Module):
+    """Stage 1: ``box_weight`` x L1(box) on slices showing a vertebra + ``ratio_weight`` x ratio loss.
 
-    ``batch["box"]`` (B, 4) normalised targets, ``batch["ratios"]`` (B, 7), ``batch["vertebrae"]`` (B,).
+    ``ratio_loss``: ``bce`` (binary cross-entropy of the ratio logits against the soft ratio
+    targets) or ``l1`` (the seed's L1 on the sigmoid ratios). Most slices show no given vertebra,
+    so L1 is minimised by predicting 0 and its gradient through a saturated sigmoid vanishes: on
+    the demo data it never left that state, while BCE keeps a gradient (p - y) and learns.
+    Targets: ``batch["box"]`` (B, 4) normalised, ``batch["ratios"]`` (B, 7), ``batch["vertebrae"]`` (B,).
     """
 
-    def __init__(self, box_weight: float = 0.5, ratio_weight: float = 0.5):
+    def __init__(self, box_weight: float = 0.5, ratio_weight: float = 0.5, ratio_loss: str = "bce"):
         super().__init__()
-        self.box_weight, self.ratio_weight = box_weight, ratio_weight
+        if ratio_loss not in ("bce", "l1"):
+            raise ValueError(f"ratio_loss must be 'bce' or 'l1', got {ratio_loss!r}")
+        self.box_weight, self.ratio_weight, self.ratio_loss = box_weight, ratio_weight, ratio_loss
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ratio = F.l1_loss(out["ratios"], batch["ratios"])
+        if self.ratio_loss == "bce":
+            ratio = F.binary_cross_entropy_with_logits(out["ratio_logits"], batch["ratios"])
+        else:
+            ratio = F.l1_loss(out["ratios"], batch["ratios"])
         has_box = batch["vertebrae"] > 0
         box = (
             F.l1_loss(out["box"][has_box], batch["box"][has_box])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import cv2
 import numpy as np
 import torch
 
@@ -23,7 +24,8 @@ def loader_generator(seed: int) -> torch.Generator:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Give each DataLoader worker distinct numpy / python seeds derived from torch's per-worker seed."""
+    """Per-worker setup: distinct numpy / python seeds derived from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    cv2.setNumThreads(1)  # OpenCV's own thread pool in every worker would oversubscribe the cores

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 VERTEBRAE = [f"C{i}" for i in range(1, 8)]
 BOX_COLS = ["x0", "y0", "x1", "y1"]
 COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", *BOX_COLS]
+SKIP_PROB = (
+    0.1  # prior probability per vertebra missing above the first one seen (ordered decoding)
+)
 
 
 def longest_run(mask: np.ndarray) -> tuple[int, int] | None:
@@ -45,37 +48,101 @@ def longest_run(mask: np.ndarray) -> tuple[int, int] | None:
     return int(starts[k]), int(ends[k] - 1)
 
 
-def localize_study(pred: pd.DataFrame, smooth: int, thresh: float, margin: float) -> pd.DataFrame:
+def ordered_labels(ratios: np.ndarray, smoothed: np.ndarray, thresh: float) -> np.ndarray:
+    """Vertebra id per slice (0 = none, 1..7 = C1..C7) decoded in anatomical order.
+
+    A 2.5D slice shows *that* it crosses a vertebra (presence p = sum of its ratios, capped at 1)
+    far more reliably than *which* one (q_j = ratio_j / sum; C3..C7 look alike). The Viterbi path
+    below assigns each slice a vertebra or "none" so that ids never decrease head -> feet and each
+    vertebra is one contiguous run, maximising sum(log p + log(q_j / max q)) over assigned
+    slices + log(thresh) per unassigned slice: a slice joins a vertebra when its presence beats
+    the threshold, and the ordering decides which one.
+
+    ``ratios``: (Z, 7) in [0, 1], slices head -> feet; presence uses them unsmoothed (discs are
+    only a few slices thick), identity uses ``smoothed`` (same shape). Returns (Z,) int8.
+    """
+    z = len(ratios)
+    # States: 0..7 = "gap after vertebra k" (k = 0: above C1), 8..14 = "inside C(j)" for j = 1..7.
+    presence = np.clip(ratios.sum(axis=1, keepdims=True), 1e-6, 1.0)
+    # Identity relative to the slice's most likely vertebra: the best one costs nothing, so
+    # assigned-vs-gap is decided by presence alone and the others pay their log-odds.
+    best = np.clip(smoothed.max(axis=1, keepdims=True), 1e-6, None)
+    identity = np.clip(smoothed, 1e-6, None) / best
+    emit = np.concatenate(
+        [np.full((z, 8), np.log(thresh)), np.log(presence) + np.log(identity)], axis=1
+    )
+    trans = np.full((15, 15), -np.inf)
+    for k in range(8):
+        trans[k, k] = 0.0  # stay in the gap
+        if k < 7:
+            trans[k, 8 + k] = 0.0  # gap after C(k) -> C(k+1)
+    for j in range(1, 8):
+        trans[7 + j, 7 + j] = 0.0  # stay inside C(j)
+        trans[7 + j, j] = 0.0  # C(j) -> gap after C(j)
+        if j < 7:
+            trans[7 + j, 8 + j] = 0.0  # C(j) -> C(j+1) directly
+    # A field of view may start below C1: entering at C(j) from above costs SKIP per vertebra.
+    skip = np.log(SKIP_PROB) * np.arange(7)
+    trans[0, 8:] = skip
+    score = np.concatenate([[emit[0, 0]], np.full(7, -np.inf), emit[0, 8:] + skip])
+    back = np.zeros((z, 15), np.int16)
+    for t in range(1, z):
+        cand = score[:, None] + trans  # (from, to)
+        back[t] = cand.argmax(axis=0)
+        score = cand.max(axis=0) + emit[t]
+    state = int(score.argmax())
+    path = np.empty(z, np.int8)
+    for t in range(z - 1, -1, -1):
+        path[t] = state - 7 if state >= 8 else 0
+        state = back[t, state]
+    return path
+
+
+def localize_study(
+    pred: pd.DataFrame, smooth: int, thresh: float, margin: float, ordered: bool = True
+) -> pd.DataFrame:
     """One study's per-slice predictions -> up to 7 rows (one per vertebra found).
 
     ``pred``: columns ``slice``, x0, y0, x1, y1, C1..C7 (normalised box, ratios in [0, 1]).
-    A vertebra's range is the longest run of slices whose smoothed ratio exceeds ``thresh``; the
-    study box spans the 5-95 % quantiles of the boxes predicted on slices showing any vertebra,
-    widened by ``margin`` of its size on each side and clipped to the image.
+    Ratios are smoothed along z (centred rolling mean of ``smooth`` slices). A vertebra's range is
+    its run in the ordered decoding (``ordered``; see :func:`ordered_labels`) or else the longest
+    run of slices whose ratio exceeds ``thresh``. The study box spans the 5-95 % quantiles of the
+    boxes predicted on slices assigned to any vertebra, widened by ``margin`` of its size on each
+    side and clipped to the image.
     """
     pred = pred.sort_values("slice")
     ratios = pred[VERTEBRAE].rolling(smooth, center=True, min_periods=1).mean().to_numpy()
     slices = pred["slice"].to_numpy()
-    on = ratios.max(axis=1) > thresh
+    if ordered:
+        labels = ordered_labels(pred[VERTEBRAE].to_numpy(), ratios, thresh)
+        masks = [labels == i + 1 for i in range(7)]
+    else:
+        masks = [ratios[:, i] > thresh for i in range(7)]
+    on = np.any(masks, axis=0)
     if not on.any():
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=COLUMNS[1:])
     boxes = pred.loc[on, BOX_COLS].to_numpy()
     x0, y0 = np.quantile(boxes[:, 0], 0.05), np.quantile(boxes[:, 1], 0.05)
     x1, y1 = np.quantile(boxes[:, 2], 0.95), np.quantile(boxes[:, 3], 0.95)
     dx, dy = margin * max(x1 - x0, 1e-3), margin * max(y1 - y0, 1e-3)
     box = np.clip([x0 - dx, y0 - dy, x1 + dx, y1 + dy], 0.0, 1.0)
     rows = []
-    for i, v in enumerate(VERTEBRAE):
-        run = longest_run(ratios[:, i] > thresh)
+    for v, mask in zip(VERTEBRAE, masks, strict=True):
+        run = longest_run(mask)
         if run is not None:
             rows.append([v, int(slices[run[0]]), int(slices[run[1]]), run[1] - run[0] + 1, *box])
     return pd.DataFrame(rows, columns=COLUMNS[1:])
 
 
-def localize(preds: pd.DataFrame, smooth: int, thresh: float, margin: float) -> pd.DataFrame:
-    """All studies of a per-slice prediction table -> the stage-2 table (``COLUMNS``)."""
+def localize(
+    preds: pd.DataFrame, smooth: int, vert_thresh: float, box_margin: float, ordered: bool = True
+) -> pd.DataFrame:
+    """All studies of a per-slice prediction table -> the stage-2 table (``COLUMNS``).
+
+    Parameters are the ``localize.*`` config keys, so callers pass ``**cfg.localize``.
+    """
     parts = [
-        localize_study(group, smooth, thresh, margin).assign(StudyInstanceUID=uid)
+        localize_study(group, smooth, vert_thresh, box_margin, ordered).assign(StudyInstanceUID=uid)
         for uid, group in preds.groupby("StudyInstanceUID", sort=True)
     ]
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
@@ -85,8 +152,7 @@ def localize(preds: pd.DataFrame, smooth: int, thresh: float, margin: float) -> 
 def make_stage2_labels(cfg, split: str) -> pd.DataFrame:
     """Localise the upstream stage's ``preds_<split>.csv`` and write ``stage2_labels_<split>.csv``."""
     preds = pd.read_csv(paths.preds_csv(cfg, split, exp=cfg["upstream"]))
-    loc = cfg["localize"]
-    table = localize(preds, int(loc["smooth"]), float(loc["vert_thresh"]), float(loc["box_margin"]))
+    table = localize(preds, **cfg["localize"])
     n_studies = preds["StudyInstanceUID"].nunique()
     found = table.groupby("StudyInstanceUID").size()
     log.info(
