@@ -84,7 +84,7 @@ def test_unknown_key_in_stage_file_and_unknown_profile(tmp_path):
 
 def test_profile_then_override_order():
     cfg = load_config(ROOT / "config/stage2_fracture.yaml", ["profile=demo", "train.epochs=2"])
-    assert cfg.train.epochs == 2 and cfg.dataset.params.image_size == 96 and cfg.n_folds == 3
+    assert cfg.train.epochs == 2 and cfg.dataset.params.image_size == 80 and cfg.n_folds == 3
 
 
 def test_config_is_frozen_and_round_trips(tmp_path):

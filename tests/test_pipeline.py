@@ -19,8 +19,8 @@ from utils.config import load_config
 from utils.metric import validate_submission
 from utils.stage2_labels import main as stage2_labels_main
 
-# Tiny models learn little in one epoch: accept every slice as a vertebra so stage 2 has input.
-LOCALIZE = ["localize.vert_thresh=0.0"]
+# Tiny models learn little in one epoch: accept (nearly) every slice as a vertebra so stage 2 has input.
+LOCALIZE = ["localize.vert_thresh=0.001"]
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,11 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import Dataset
 
 from utils import paths
-from utils.metric import TARGETS, score
+from utils.metric import TARGETS, VERTEBRAE, score
+from utils.preprocess_data import BOX_COLS
 from utils.registry import Registry
 
 DATASETS = Registry("dataset")
-VERTEBRAE = [f"C{i}" for i in range(1, 8)]
-BOX_COLS = ["x0", "y0", "x1", "y1"]
 
 
 def build_dataset(cfg, table: pd.DataFrame, train: bool) -> Dataset:

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.metric import WEIGHTS
 from utils.registry import Registry
 
 LOSSES = Registry("loss")
 
-# Competition weights (metric_and_competition.md §1): (positive, negative).
-OVERALL_WEIGHTS = (14.0, 7.0)
-VERTEBRA_WEIGHTS = (2.0, 1.0)
+OVERALL_WEIGHTS = WEIGHTS["patient_overall"]  # (positive, negative) competition weights
+VERTEBRA_WEIGHTS = WEIGHTS["C1"]
 
 
 def build_loss(cfg) -> nn.Module:

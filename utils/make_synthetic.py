@@ -56,11 +56,11 @@ import pandas as pd
 
 from utils.dicom import write_slice
 from utils.io import write_csv
+from utils.metric import VERTEBRAE
 from utils.nifti import save_rsna_seg
 
 log = logging.getLogger(__name__)
 
-VERTEBRAE = [f"C{i}" for i in range(1, 8)]
 LABEL_COLS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
 BOX_COLS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
 UID_ROOT = "1.2.826.0.1.3680043"

@@ -21,9 +21,9 @@ from utils.datasets import (
     study_logit_table,
 )
 from utils.engine import make_loader, mean_outputs, predict, prepare_model, resolve_device
+from utils.preprocess_data import BOX_COLS
 
 log = logging.getLogger(__name__)
-BOX_COLS = ["x0", "y0", "x1", "y1"]
 # What each stage predicts is decided by its dataset (the thing that defines its samples).
 STAGE_KIND = {"vertebra_slices": "stage1", "vertebra_sequences": "stage2", "study_logits": "head"}
 # Keys of the calling config that override a stage's saved run config at prediction time.

@@ -45,11 +45,11 @@ from utils import paths
 from utils.config import load_config
 from utils.dicom import StudyReadError, load_study, window
 from utils.io import save_npy, write_csv, write_text
+from utils.metric import VERTEBRAE
 from utils.nifti import load_rsna_seg
 
 log = logging.getLogger(__name__)
 
-VERTEBRAE = [f"C{i}" for i in range(1, 8)]
 BOX_COLS = ["x0", "y0", "x1", "y1"]
 LABEL_COLS = ["StudyInstanceUID", "slice", "file_number", *VERTEBRAE, *BOX_COLS, "vertebrae"]
 

@@ -27,10 +27,10 @@ import pandas as pd
 from utils import paths
 from utils.config import load_config
 from utils.io import write_csv
+from utils.metric import VERTEBRAE
+from utils.preprocess_data import BOX_COLS
 
 log = logging.getLogger(__name__)
-VERTEBRAE = [f"C{i}" for i in range(1, 8)]
-BOX_COLS = ["x0", "y0", "x1", "y1"]
 COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", *BOX_COLS]
 SKIP_PROB = (
     0.1  # prior probability per vertebra missing above the first one seen (ordered decoding)
@@ -68,9 +68,9 @@ def ordered_labels(ratios: np.ndarray, smoothed: np.ndarray, thresh: float) -> n
     # assigned-vs-gap is decided by presence alone and the others pay their log-odds.
     best = np.clip(smoothed.max(axis=1, keepdims=True), 1e-6, None)
     identity = np.clip(smoothed, 1e-6, None) / best
-    emit = np.concatenate(
-        [np.full((z, 8), np.log(thresh)), np.log(presence) + np.log(identity)], axis=1
-    )
+    with np.errstate(divide="ignore"):  # thresh 0: every slice with any presence is a vertebra
+        gap = np.log(thresh)
+    emit = np.concatenate([np.full((z, 8), gap), np.log(presence) + np.log(identity)], axis=1)
     trans = np.full((15, 15), -np.inf)
     for k in range(8):
         trans[k, k] = 0.0  # stay in the gap
