@@ -54,7 +54,12 @@ def split_table(cfg: Config, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise SystemExit(
             f"error: no rows of {cfg.dataset.name} have a fold in {paths.folds_csv(cfg)}"
         )
-    return table[table.fold != fold], table[table.fold == fold]
+    train, val = table[table.fold != fold], table[table.fold == fold]
+    if train.empty or val.empty:
+        raise SystemExit(
+            f"error: fold {fold} leaves no {'training' if train.empty else 'validation'} rows"
+        )
+    return train, val
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int):
@@ -134,7 +139,7 @@ def resume_state(cfg: Config, run: Path) -> dict | None:
 
 
 def run_fold(cfg: Config, fold: int) -> float | None:
-    """Train one fold; returns the best validation metric (None when the fold was already done)."""
+    """Train one fold (or skip it when already trained); returns its best validation metric."""
     run = paths.run_dir(cfg, fold)
     run.mkdir(parents=True, exist_ok=True)
     state = resume_state(cfg, run)
