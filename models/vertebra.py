@@ -52,4 +52,8 @@ class VertebraBoxRatioNet(nn.Module):
             z = torch.cat([angle.sin(), angle.cos()], dim=1).to(feats.dtype)
             feats = torch.cat([feats, z], dim=1)
         out = self.head(feats).float()
-        return {"box": out[:, :4].sigmoid(), "ratio_logits": out[:, 4:], "ratios": out[:, 4:].sigmoid()}
+        return {
+            "box": out[:, :4].sigmoid(),
+            "ratio_logits": out[:, 4:],
+            "ratios": out[:, 4:].sigmoid(),
+        }
