@@ -26,8 +26,9 @@ from utils.preprocess_data import BOX_COLS
 log = logging.getLogger(__name__)
 # What each stage predicts is decided by its dataset (the thing that defines its samples).
 STAGE_KIND = {"vertebra_slices": "stage1", "vertebra_sequences": "stage2", "study_logits": "head"}
-# Keys of the calling config that override a stage's saved run config at prediction time.
-_RUNTIME = ("data_dir", "output_dir", "device", "num_workers", "progress", "infer")
+# Keys of the calling config that override a stage's saved run config at prediction time
+# (where the data and runs are, and how to run); everything else stays as the stage was trained.
+_RUNTIME = ("data_dir", "output_dir", "device", "num_workers", "progress")
 
 
 def stage_kind(cfg: Config) -> str:
@@ -67,7 +68,8 @@ def run_config(cfg: Config, exp: str) -> Config:
     saved = load_checkpoint(paths.checkpoint_path(cfg, folds[0], cfg["infer"]["checkpoint"], exp))[
         "config"
     ]
-    saved.update({k: cfg.to_dict()[k] for k in _RUNTIME})
+    saved.update({k: cfg[k] for k in _RUNTIME})
+    saved["infer"]["checkpoint"] = cfg["infer"]["checkpoint"]
     return Config(saved)
 
 
