@@ -1,0 +1,273 @@
+"""Benchmark: end-to-end test-time inference (``inference.test_chain``) per 300-slice CT study.
+
+Usage::
+
+    python bench/bench_inference.py [--slices 300] [--size 512] [--repeat 3] [--warmup 1]
+        [--threads 2] [--quick]
+
+Writes the ``bench`` study of ``utils.make_synthetic`` (seed 0: 300 slices of 512 x 512, JPEG
+Lossless SV1) as a TEST study, with a matching 8-row ``test.csv`` and a one-row ``train.csv``
+(train priors; no vertebra is left without a prediction here, so their values do not matter),
+into a temporary folder. For each recipe it saves one fold of every stage (stage 1, stage 2,
+patient head) with random-init weights in the exact checkpoint format of train.py (timing does
+not depend on the weights), then times ``inference.test_chain``, the whole ``--split test``
+path: DICOM read + uint8 cache, stage 1 on every slice, localisation, stage 2 on each vertebra,
+patient head, submission.csv.
+
+Recipes: ``demo`` (profile demo: resnet18, cache 160 px, stage 1 at 128 px, stage 2 80 px x 8)
+and ``full`` (profile full: convnext_tiny, cache and stage 1 at 384 px, stage 2 224 px x 24).
+Both set ``localize.vert_thresh=0.0`` and ``localize.ordered=false`` so every vertebra gets a
+sequence from untrained stage-1 outputs and stage 2 costs what it does on a real study (7
+sequences); the ordered decoding may drop vertebrae at threshold 0. Both run with
+``num_workers=0`` (the full profile's 2 loader workers deadlock after in-process caching; see
+``RUNTIME``).
+
+Per step (the functions test_chain calls, timed in place): read + cache, loading the fold
+models, stage 1, localisation, stage 2, patient head, and the rest (CSV writes, configs).
+The cached volume is deleted before every run so each one reads the DICOM files again. Medians
+of ``--repeat`` runs after ``--warmup`` untimed runs (the full recipe runs once after its
+warm-up). ``--quick``: a 40-slice 128 x 128 study, one timed run, and the full recipe at
+64 px x 4 slices.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import contextlib
+import functools
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import torch
+
+import inference
+from models import build_model
+from train import build_optimizer
+from utils import paths
+from utils.checkpoint import save_checkpoint
+from utils.config import Config, load_config, save_config
+from utils.io import write_csv
+from utils.make_synthetic import PRESETS, plan_dataset, write_study
+from utils.metric import TARGETS
+from utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+STAGES = ("stage1_vertebra.yaml", "stage2_fracture.yaml", "patient_head.yaml")
+# The functions of the inference module that test_chain calls, in order, as reported.
+STEPS = {
+    "ensure_cached": "read+cache",
+    "load_models": "models",
+    "predict_stage1": "stage 1",
+    "localize": "localize",
+    "predict_stage2": "stage 2",
+    "predict_head": "head",
+}
+# --quick shrinks the full recipe per stage (the patient head has no image params).
+QUICK_FULL = {
+    "stage1_vertebra.yaml": ("cache.size=64", "dataset.params.image_size=64"),
+    "stage2_fracture.yaml": (
+        "cache.size=64",
+        "dataset.params.image_size=64",
+        "dataset.params.seq_len=4",
+    ),
+    "patient_head.yaml": (),
+}
+# Every vertebra gets a sequence from untrained stage-1 outputs (see the module docstring), and
+# no loader workers: after ensure_cached has resized 512 -> 384 px with OpenCV in this process,
+# forked workers hang in utils.seed.worker_init_fn's cv2.setNumThreads(1).
+RUNTIME = ("localize.vert_thresh=0.0", "localize.ordered=false", "num_workers=0")
+
+
+def make_test_data(root: Path, n_slices: int, size: int) -> str:
+    """Write the bench study (``n_slices`` of ``size`` px) as ``root/test_images/<uid>`` with
+    ``test.csv`` (8 rows) and ``train.csv`` (its own labels, for the priors); returns its uid."""
+    preset = replace(PRESETS["bench"], rows=size, n_slices=(n_slices, n_slices))
+    (spec,) = plan_dataset(preset, seed=0)
+    spec = replace(spec, split="test")
+    write_study(spec, preset, 0, root)
+    labels = [int(any(spec.labels)), *spec.labels]
+    write_csv(
+        pd.DataFrame([[spec.uid, *labels]], columns=["StudyInstanceUID", *TARGETS]),
+        paths.labels_csv(root),
+    )
+    rows = [(f"{spec.uid}_{t}", spec.uid, t) for t in [*TARGETS[1:], TARGETS[0]]]
+    write_csv(
+        pd.DataFrame(rows, columns=["row_id", "StudyInstanceUID", "prediction_type"]),
+        paths.test_csv(root),
+    )
+    return spec.uid
+
+
+def recipe_configs(recipe: str, data: Path, out: Path, quick: bool) -> list[Config]:
+    """The resolved configs of stage 1, stage 2 and the patient head for ``recipe``."""
+    common = [f"profile={recipe}", f"data_dir={data}", f"output_dir={out}", "progress=false"]
+    configs = []
+    for name in STAGES:
+        extra = QUICK_FULL[name] if quick and recipe == "full" else ()
+        configs.append(load_config(CONFIG_DIR / name, [*common, *RUNTIME, *extra]))
+    return configs
+
+
+def save_untrained_fold(cfg: Config, fold: int = 0) -> Path:
+    """Save a random-init model of ``cfg`` as fold ``fold``'s best.pth, as train.py writes it."""
+    seed_everything(cfg.seed + 1000 * fold)
+    model = build_model(cfg)
+    opt, sched = build_optimizer(cfg, model, 1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": cfg.train.epochs - 1,
+        "best_metric": float("nan"),
+        "metric": float("nan"),
+        "history": [],
+        "config": cfg.to_dict(),
+        "fold": fold,
+        "seed": cfg.seed,
+    }
+    save_config(cfg, paths.run_dir(cfg, fold) / "config.yaml")
+    return save_checkpoint(state, paths.checkpoint_path(cfg, fold, "best"))
+
+
+@contextlib.contextmanager
+def timed_calls(module: ModuleType, names: list[str]) -> Iterator[dict[str, float]]:
+    """Replace ``module.<name>`` by a wrapper adding its wall seconds to the yielded dict."""
+    seconds = dict.fromkeys(names, 0.0)
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+
+        return timed
+
+    for name, fn in originals.items():
+        setattr(module, name, wrap(name, fn))
+    try:
+        yield seconds
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
+def run_chain(s2: Config, uid: str) -> tuple[dict[str, float], int]:
+    """One uncached ``test_chain`` run: seconds per step (+ ``other``, ``total``) and the number
+    of vertebra sequences stage 2 predicted."""
+    paths.volume_path(paths.prep_dir(s2), uid).unlink(missing_ok=True)
+    out = paths.submission_csv(s2)
+    with timed_calls(inference, list(STEPS)) as seconds:
+        start = time.perf_counter()
+        sub = inference.test_chain(s2, out)
+        total = time.perf_counter() - start
+    if len(sub) != len(TARGETS) or sub.fractured.isna().any():
+        raise RuntimeError(f"{out}: expected {len(TARGETS)} complete rows, got {len(sub)}")
+    steps = {STEPS[name]: s for name, s in seconds.items()}
+    steps["other"] = total - sum(seconds.values())
+    steps["total"] = total
+    n_seq = len(pd.read_csv(paths.stage2_labels_csv(s2, "test")))
+    return steps, n_seq
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    """Median seconds per step of one recipe and what it ran."""
+
+    stage1: Config
+    stage2: Config
+    seconds: dict[str, float]
+    sequences: int  # (study, vertebra) sequences stage 2 predicted
+
+
+def time_recipe(
+    recipe: str, data: Path, out: Path, uid: str, repeat: int, warmup: int, quick: bool
+) -> RecipeResult:
+    """Median step seconds of ``repeat`` test_chain runs after ``warmup`` untimed ones."""
+    s1, s2, head = recipe_configs(recipe, data, out, quick)
+    for cfg in (s1, s2, head):
+        save_untrained_fold(cfg)
+    for _ in range(warmup):
+        run_chain(s2, uid)
+    runs = [run_chain(s2, uid) for _ in range(repeat)]
+    sequences = runs[-1][1]
+    if sequences != 7:
+        log.warning("%s: stage 2 predicted %d vertebrae instead of 7", recipe, sequences)
+    seconds = {k: statistics.median(steps[k] for steps, _ in runs) for k in runs[0][0]}
+    return RecipeResult(s1, s2, seconds, sequences)
+
+
+def describe(s1: Config, s2: Config) -> str:
+    """``cache C px; stage 1 backbone S px; stage 2 backbone S px x L``."""
+    p1, p2 = s1.dataset.params, s2.dataset.params
+    return (
+        f"cache {s1.cache.size}px; stage 1 {s1.model.params.backbone} {p1.image_size}px; "
+        f"stage 2 {s2.model.params.backbone} {p2.image_size}px x {p2.seq_len}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of the demo recipe")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="small study and sizes (smoke test)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    n_slices, size = (40, 128) if args.quick else (args.slices, args.size)
+    repeat = 1 if args.quick else args.repeat
+    load_start = os.getloadavg()[0]
+
+    results: dict[str, RecipeResult] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        start = time.perf_counter()
+        uid = make_test_data(data, n_slices, size)
+        written = time.perf_counter() - start
+        for recipe, runs in (("demo", repeat), ("full", 1)):
+            out = Path(tmp) / f"out_{recipe}"
+            results[recipe] = time_recipe(recipe, data, out, uid, runs, args.warmup, args.quick)
+
+    print(
+        f"study: make_synthetic bench, {n_slices} slices {size}x{size} JPEG Lossless SV1 "
+        f"(written in {written:.0f} s); torch {args.threads} threads; demo median of "
+        f"{repeat}, full 1 run, after {args.warmup} warm-up; "
+        f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}"
+    )
+    keys = list(results["demo"].seconds)
+    print(f"{'recipe':6s} " + " ".join(f"{k:>10s}" for k in keys) + "  sequences  setup")
+    for recipe, r in results.items():
+        cols = " ".join(f"{r.seconds[k]:10.2f}" for k in keys)
+        print(f"{recipe:6s} {cols}  {r.sequences:9d}  {describe(r.stage1, r.stage2)}")
+    demo, full = results["demo"].seconds["total"], results["full"].seconds["total"]
+    print(
+        f"SUMMARY bench_inference: {n_slices}-slice {size}px study, demo {demo:.1f} s "
+        f"(goal <= 15 s: {'met' if demo <= 15 else 'MISSED'}), full {full:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
