@@ -30,6 +30,9 @@ from utils.preprocess_data import BOX_COLS
 from utils.registry import Registry
 
 DATASETS = Registry("dataset")
+# One OpenCV thread per process, set before any cv2 call: a forked DataLoader worker deadlocks
+# once the parent has started OpenCV's thread pool, and loader workers parallelise anyway.
+cv2.setNumThreads(1)
 
 
 def build_dataset(cfg, table: pd.DataFrame, train: bool) -> Dataset:
