@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 STAGE_KIND = {"vertebra_slices": "stage1", "vertebra_sequences": "stage2", "study_logits": "head"}
 # Keys of the calling config that override a stage's saved run config at prediction time
 # (where the data and runs are, and how to run); everything else stays as the stage was trained.
-_RUNTIME = ("data_dir", "output_dir", "device", "num_workers", "progress")
+_RUNTIME = ("data_dir", "output_dir", "device", "progress")
 
 
 def stage_kind(cfg: Config) -> str:
