@@ -1,9 +1,10 @@
-"""Train one stage, fold by fold: ``python train.py --CFG config/<stage>.yaml [--fold k|all] [key=value ...]``.
+"""Train one stage, fold by fold: ``python train.py --CFG config/<pipeline>/<stage>.yaml [--fold k|all] [key=value ...]``.
 
 Everything stage-specific comes from the config: the dataset, model and loss are built from
-registries by name (utils/datasets.py, models/, utils/losses.py). Per fold the run folder
-``output/<exp>/fold<k>/`` receives ``config.yaml``, ``train.log``, ``metrics.csv``, ``curves.png``
-and atomic ``last.pth`` / ``best.pth`` checkpoints that carry the resolved config.
+registries by name (``utils/<pipeline>/datasets.py``, ``models/<pipeline>/``,
+``utils/<pipeline>/losses.py``). Per fold the run folder ``output/<pipeline>/<exp>/fold<k>/``
+receives ``config.yaml``, ``train.log``, ``metrics.csv``, ``curves.png`` and atomic ``last.pth`` /
+``best.pth`` checkpoints that carry the resolved config and the seed.
 
 With ``resume: auto`` a fold continues from ``last.pth`` when the saved config matches (a
 finished fold is skipped); a different config is an error naming the differing keys.
@@ -21,11 +22,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from models import build_model
 from utils import paths
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import Config, diff_configs, load_config, save_config
-from utils.datasets import DATASETS, build_dataset
+from utils.config import Config, ConfigError, diff_configs, load_config, save_config
 from utils.engine import (
     autocast,
     make_loader,
@@ -35,10 +34,12 @@ from utils.engine import (
     progress_off,
     resolve_device,
     to_device,
+    unwrap_model,
 )
+from utils.folds import load_folds, with_folds
 from utils.io import write_csv
-from utils.losses import build_loss
 from utils.plots import plot_curves
+from utils.registry import DATASETS, build_dataset, build_loss, build_model, load_pipeline
 from utils.seed import seed_everything
 
 log = logging.getLogger("train")
@@ -47,9 +48,9 @@ log = logging.getLogger("train")
 # ---- setup --------------------------------------------------------------------------------------
 def split_table(cfg: Config, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The stage's table split by the shared fold file: (train rows, validation rows of ``fold``)."""
+    id_col = load_pipeline(cfg.pipeline).id_col
     table = DATASETS.get(cfg.dataset.name).load_table(cfg)
-    folds = pd.read_csv(paths.folds_csv(cfg))
-    table = table.merge(folds, on="StudyInstanceUID", how="inner")
+    table = with_folds(table, load_folds(paths.folds_csv(cfg), id_col), id_col)
     if table.empty:
         raise SystemExit(
             f"error: no rows of {cfg.dataset.name} have a fold in {paths.folds_csv(cfg)}"
@@ -219,7 +220,7 @@ def _train_fold(cfg: Config, fold: int, run: Path, state: dict | None) -> float:
             " *" if improved else "",
         )
         ckpt = {
-            "model": model.state_dict(),
+            "model": unwrap_model(model).state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),
@@ -247,7 +248,8 @@ def _train_fold(cfg: Config, fold: int, run: Path, state: dict | None) -> float:
 
 
 def folds_to_run(cfg: Config, fold: str) -> list[int]:
-    available = sorted(pd.read_csv(paths.folds_csv(cfg))["fold"].unique().tolist())
+    id_col = load_pipeline(cfg.pipeline).id_col
+    available = sorted(load_folds(paths.folds_csv(cfg), id_col)["fold"].unique().tolist())
     if fold == "all":
         return available
     if not fold.isdigit() or int(fold) not in available:
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--CFG", required=True, help="stage config, e.g. config/stage1_vertebra.yaml"
+        "--CFG", required=True, help="stage config, e.g. config/rsna/stage1_vertebra.yaml"
     )
     parser.add_argument(
         "--fold", default="all", help="fold number or 'all' (default: every fold in sequence)"
@@ -268,9 +270,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.CFG, args.overrides)
+    try:
+        cfg = load_config(args.CFG, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     if not paths.folds_csv(cfg).is_file():
-        raise SystemExit(f"error: {paths.folds_csv(cfg)} not found; run utils/fold_split.py first")
+        raise SystemExit(
+            f"error: {paths.folds_csv(cfg)} not found; run "
+            f"python -m utils.fold_split --CFG {args.CFG} first"
+        )
     results = {k: run_fold(cfg, k) for k in folds_to_run(cfg, args.fold)}
     log.info(
         "best %s per fold: %s", cfg.train.best_metric, {k: round(v, 5) for k, v in results.items()}

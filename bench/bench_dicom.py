@@ -1,10 +1,10 @@
-"""Benchmark: ``utils.dicom.load_study`` vs the seed's per-slice pydicom loop on one CT series.
+"""Benchmark: ``utils.rsna.dicom.load_study`` vs the seed's per-slice pydicom loop on one CT series.
 
 Usage::
 
     python bench/bench_dicom.py [--slices 300] [--size 512] [--repeat 3]
 
-Writes the JPEG Lossless SV1 CT series of the ``bench`` preset of ``utils.make_synthetic`` (its
+Writes the JPEG Lossless SV1 CT series of the ``bench`` preset of ``utils.rsna.synthetic`` (its
 phantom neck CT, resized by ``--slices`` / ``--size``) into a temporary folder, reads it once to
 warm the page cache, then times, as the median of ``--repeat`` interleaved rounds:
 
@@ -20,12 +20,6 @@ slice order), then a final one-line summary.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import logging
 import statistics
@@ -38,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from utils.dicom import load_study
-from utils.make_synthetic import PRESETS, plan_dataset, write_study
+from utils.rsna.dicom import load_study
+from utils.rsna.synthetic import PRESETS, plan_dataset, write_study
 
 
 def make_series(root: Path, n_slices: int, size: int) -> Path:
-    """Write the ``utils.make_synthetic`` ``bench`` study (seed 0) with ``n_slices`` slices of
+    """Write the ``utils.rsna.synthetic`` ``bench`` study (seed 0) with ``n_slices`` slices of
     ``size`` x ``size`` under ``root``; returns its folder. With the defaults (300, 512) this is
     exactly the train study of ``generate(root, "bench", seed=0)``."""
     preset = replace(PRESETS["bench"], rows=size, n_slices=(n_slices, n_slices))

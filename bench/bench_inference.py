@@ -5,7 +5,7 @@ Usage::
     python bench/bench_inference.py [--slices 300] [--size 512] [--repeat 3] [--warmup 1]
         [--threads 2] [--quick]
 
-Writes the ``bench`` study of ``utils.make_synthetic`` (seed 0: 300 slices of 512 x 512, JPEG
+Writes the ``bench`` study of ``utils.rsna.synthetic`` (seed 0: 300 slices of 512 x 512, JPEG
 Lossless SV1) as a TEST study, with a matching 8-row ``test.csv`` and a one-row ``train.csv``
 (train priors; no vertebra is left without a prediction here, so their values do not matter),
 into a temporary folder. For each recipe it saves one fold of every stage (stage 1, stage 2,
@@ -32,12 +32,6 @@ warm-up). ``--quick``: a 40-slice 128 x 128 study, one timed run, and the full r
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import contextlib
 import functools
@@ -55,14 +49,15 @@ import pandas as pd
 import torch
 
 import inference
-from models import build_model
+from utils.registry import build_model
 from train import build_optimizer
 from utils import paths
 from utils.checkpoint import save_checkpoint
 from utils.config import Config, load_config, save_config
 from utils.io import write_csv
-from utils.make_synthetic import PRESETS, plan_dataset, write_study
-from utils.metric import TARGETS
+from utils.rsna import layout
+from utils.rsna.metric import TARGETS
+from utils.rsna.synthetic import PRESETS, plan_dataset, write_study
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -103,12 +98,12 @@ def make_test_data(root: Path, n_slices: int, size: int) -> str:
     labels = [int(any(spec.labels)), *spec.labels]
     write_csv(
         pd.DataFrame([[spec.uid, *labels]], columns=["StudyInstanceUID", *TARGETS]),
-        paths.labels_csv(root),
+        layout.labels_csv(root),
     )
     rows = [(f"{spec.uid}_{t}", spec.uid, t) for t in [*TARGETS[1:], TARGETS[0]]]
     write_csv(
         pd.DataFrame(rows, columns=["row_id", "StudyInstanceUID", "prediction_type"]),
-        paths.test_csv(root),
+        layout.test_csv(root),
     )
     return spec.uid
 
@@ -175,7 +170,7 @@ def timed_calls(module: ModuleType, names: list[str]) -> Iterator[dict[str, floa
 def run_chain(s2: Config, uid: str) -> tuple[dict[str, float], int]:
     """One uncached ``test_chain`` run: seconds per step (+ ``other``, ``total``) and the number
     of vertebra sequences stage 2 predicted."""
-    paths.volume_path(paths.prep_dir(s2), uid).unlink(missing_ok=True)
+    layout.volume_path(paths.prep_dir(s2), uid).unlink(missing_ok=True)
     out = paths.submission_csv(s2)
     with timed_calls(inference, list(STEPS)) as seconds:
         start = time.perf_counter()
@@ -186,7 +181,7 @@ def run_chain(s2: Config, uid: str) -> tuple[dict[str, float], int]:
     steps = {STEPS[name]: s for name, s in seconds.items()}
     steps["other"] = total - sum(seconds.values())
     steps["total"] = total
-    n_seq = len(pd.read_csv(paths.stage2_labels_csv(s2, "test")))
+    n_seq = len(pd.read_csv(layout.stage2_labels_csv(s2, "test")))
     return steps, n_seq
 
 

@@ -5,12 +5,12 @@ Usage::
     python bench/bench_stage2_epoch.py [--studies 6] [--size 512] [--syntax S] [--workers N]
         [--repeat 3] [--model] [--threads 2] [--quick]
 
-Data: ``--studies`` train studies of the ``demo`` preset of ``utils.make_synthetic`` (seed 0,
+Data: ``--studies`` train studies of the ``demo`` preset of ``utils.rsna.synthetic`` (seed 0,
 its mix of Explicit VR / JPEG Lossless / RLE, one reversed and one non-square study), at
 ``--size`` px and 200-240 slices (~0.7 mm, like the real RSNA studies), all segmented, written
 into a temporary folder (``--syntax`` writes every study in one transfer syntax). Per recipe the studies are preprocessed into the uint8 cache
-(``utils.preprocess_data.preprocess``), the segmentation-derived per-slice labels stand in for
-perfect stage-1 OOF predictions, and ``utils.stage2_labels.make_stage2_labels`` +
+(``utils.rsna.preprocess.preprocess``), the segmentation-derived per-slice labels stand in for
+perfect stage-1 OOF predictions, and ``utils.rsna.localize.make_stage2_labels`` +
 ``VertebraSequences.load_table`` give the stage-2 table (7 vertebrae per study).
 
 Compared on that table, through ``utils.engine.make_loader`` (train mode: shuffling, the
@@ -31,12 +31,6 @@ the model (train.py's ``train_one_epoch``, bf16 + channels_last) for each datase
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import logging
 import os
@@ -52,19 +46,20 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
-from models import build_model
+from utils.registry import build_model
 from train import build_optimizer, train_one_epoch
 from utils import paths
 from utils.config import Config, load_config
-from utils.datasets import DATASETS, VertebraSequences, build_dataset
-from utils.dicom import TRANSFER_SYNTAXES
 from utils.engine import make_loader, needs_scaler, prepare_model, resolve_device
 from utils.io import write_csv
-from utils.losses import build_loss
-from utils.make_synthetic import LABEL_COLS, PRESETS, plan_dataset, write_study
-from utils.preprocess_data import preprocess
+from utils.rsna import layout
+from utils.registry import DATASETS, build_dataset, build_loss
+from utils.rsna.datasets import VertebraSequences
+from utils.rsna.dicom import TRANSFER_SYNTAXES
+from utils.rsna.localize import make_stage2_labels
+from utils.rsna.preprocess import preprocess
+from utils.rsna.synthetic import LABEL_COLS, PRESETS, plan_dataset, write_study
 from utils.seed import seed_everything
-from utils.stage2_labels import make_stage2_labels
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "stage2_fracture.yaml"
@@ -77,7 +72,7 @@ def make_dataset(
 ) -> None:
     """Write ``n_studies`` segmented demo-preset train studies and ``train.csv`` under ``root``.
 
-    ``syntax``: one of ``utils.dicom.TRANSFER_SYNTAXES`` for every study, or None for the
+    ``syntax``: one of ``utils.rsna.dicom.TRANSFER_SYNTAXES`` for every study, or None for the
     preset's mix.
     """
     preset = replace(
@@ -94,7 +89,7 @@ def make_dataset(
     for spec in specs:
         write_study(spec, preset, 0, root)
     labels = [(s.uid, int(any(s.labels)), *s.labels) for s in specs]
-    write_csv(pd.DataFrame(labels, columns=LABEL_COLS), paths.labels_csv(root))
+    write_csv(pd.DataFrame(labels, columns=LABEL_COLS), layout.labels_csv(root))
 
 
 def stage2_table(cfg: Config) -> pd.DataFrame:
@@ -107,7 +102,7 @@ def stage2_table(cfg: Config) -> pd.DataFrame:
     # workers=2 caches in spawned processes: OpenCV run here would make the forked loader
     # workers of the full recipe hang (see main).
     preprocess(paths.data_dir(cfg), prep, cfg, workers=2)
-    truth = pd.read_csv(paths.stage1_labels_csv(prep))
+    truth = pd.read_csv(layout.stage1_labels_csv(prep))
     write_csv(truth, paths.preds_csv(cfg, "oof", exp=cfg.upstream))
     make_stage2_labels(cfg, "oof")
     return DATASETS.get(cfg.dataset.name).load_table(cfg)
@@ -164,7 +159,7 @@ class SeedStyleSequences(VertebraSequences):
         super().__init__(table, cfg, train, **params)
         data = paths.data_dir(cfg)
         self.files = {
-            uid: head_first_files(paths.study_dir(data, "train", uid))
+            uid: head_first_files(layout.study_dir(data, "train", uid))
             for uid in self.table.StudyInstanceUID.unique()
         }
 

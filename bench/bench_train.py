@@ -24,12 +24,6 @@ medians. ``--quick`` shrinks every case (32 px, 2 slices, batch 2, 1 step) as a 
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import logging
 import os
@@ -41,11 +35,10 @@ from pathlib import Path
 
 import torch
 
-from models import build_model
+from utils.registry import build_model
 from train import build_optimizer, train_one_epoch
 from utils.config import Config, load_config
 from utils.engine import needs_scaler, prepare_model, resolve_device
-from utils.losses import build_loss
 from utils.seed import seed_everything
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

@@ -19,7 +19,7 @@ from utils.config import load_config  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The `tiny` preset of the synthetic generator (Kaggle layout)."""
-    from utils.make_synthetic import generate
+    from utils.rsna.synthetic import generate
 
     out = tmp_path_factory.mktemp("rsna_tiny") / "data"
     generate(out, preset="tiny", seed=0)
@@ -28,24 +28,16 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_output(tiny_data, tmp_path_factory) -> Path:
-    """An output folder with prep/ (cache + tables) and folds.csv for the tiny data set."""
+    """An output folder with rsna/prep/ (cache + tables) and rsna/folds.csv for the tiny data set."""
     from utils.fold_split import main as fold_main
     from utils.preprocess_data import main as prep_main
 
     out = tmp_path_factory.mktemp("rsna_tiny_out")
+    ov = tiny_overrides(tiny_data, out)
     logging.disable(logging.INFO)
     try:
-        prep_main(["--data-dir", str(tiny_data), "--out-dir", str(out / "prep"), "profile=tiny"])
-        fold_main(
-            [
-                "--train-csv",
-                str(tiny_data / "train.csv"),
-                "--out",
-                str(out / "folds.csv"),
-                "--n-folds",
-                "2",
-            ]
-        )
+        prep_main(["--pipeline", "rsna", *ov])
+        assert fold_main(["--CFG", str(ROOT / "config" / "rsna" / "base.yaml"), *ov]) == 0
     finally:
         logging.disable(logging.NOTSET)
     return out
@@ -61,7 +53,8 @@ def tiny_cfg(tiny_data, tiny_output):
 
     def make(stage: str, *overrides: str):
         return load_config(
-            ROOT / "config" / f"{stage}.yaml", [*tiny_overrides(tiny_data, tiny_output), *overrides]
+            ROOT / "config" / "rsna" / f"{stage}.yaml",
+            [*tiny_overrides(tiny_data, tiny_output), *overrides],
         )
 
     return make

@@ -7,31 +7,33 @@ from pathlib import Path
 
 import pytest
 
-from models import MODELS, build_model
 from utils.config import ConfigError, diff_configs, load_config, save_config, yaml_load
-from utils.datasets import DATASETS
-from utils.losses import LOSSES
+from utils.registry import DATASETS, LOSSES, MODELS, build_model, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = sorted(p for p in (ROOT / "config").glob("*.yaml") if p.name != "base.yaml")
+STAGES = sorted(p for p in (ROOT / "config").glob("*/*.yaml") if p.name != "base.yaml")
+BASES = sorted((ROOT / "config").glob("**/base.yaml"))
+RSNA_BASE = ROOT / "config" / "rsna" / "base.yaml"
 
 
-@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 @pytest.mark.parametrize("profile", ["full", "demo", "tiny"])
 def test_every_config_loads_and_names_registered_components(path, profile):
     cfg = load_config(path, [f"profile={profile}"])
-    assert cfg.exp_name == path.stem
+    assert cfg.exp_name == path.stem and cfg.pipeline == path.parent.name
+    load_pipeline(cfg.pipeline)
     assert cfg.model.name in MODELS.names()
     assert cfg.dataset.name in DATASETS.names()
     assert cfg.loss.name in LOSSES.names()
 
 
-def test_base_keys_are_all_commented():
-    """Every key line of base.yaml carries a comment (the defaults file is the documentation).
+@pytest.mark.parametrize("path", BASES, ids=lambda p: str(p.relative_to(ROOT / "config")))
+def test_base_keys_are_all_commented(path):
+    """Every key line of a base file carries a comment (the defaults files are the documentation).
 
     The profile blocks at the end only repeat keys declared (and commented) above them.
     """
-    head, profiles = (ROOT / "config" / "base.yaml").read_text().split("\nprofiles:", 1)
+    head, profiles = path.read_text().split("\nprofiles:", 1)
     for line in [*head.splitlines(), "profiles:" + profiles.splitlines()[0]]:
         stripped = line.strip()
         if (
@@ -39,14 +41,38 @@ def test_base_keys_are_all_commented():
             and not stripped.startswith("#")
             and ":" in stripped
             and not stripped.startswith("-")
+            and not line.startswith("infer:")  # re-opens the generic section to add a key
         ):
-            assert "#" in line, f"uncommented key in base.yaml: {line!r}"
+            assert "#" in line, f"uncommented key in {path.name}: {line!r}"
+
+
+def test_generic_base_holds_no_rsna_key():
+    generic = yaml_load((ROOT / "config" / "base.yaml").read_text())
+    rsna = yaml_load(RSNA_BASE.read_text())
+    rsna_only = {k for k in rsna if k not in generic and k != "profiles"}
+    assert {"cache", "localize", "stages"} <= rsna_only
+    assert generic["data_dir"] is None and "viz_studies" not in generic["infer"]
+
+
+def test_a_pipeline_refuses_another_pipelines_keys(tmp_path):
+    """A HipMRI-like pipeline cannot set RSNA's localize.* (in its stage file or on the command line)."""
+    (tmp_path / "hip").mkdir()
+    (tmp_path / "hip" / "base.yaml").write_text("data_dir: data/hip   # slices\n")
+    stage = tmp_path / "hip" / "unet.yaml"
+    stage.write_text("localize:\n  vert_thresh: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'localize'.*valid keys: data_dir"):
+        load_config(stage)
+    stage.write_text("train:\n  epochs: 3\n")
+    assert load_config(stage).pipeline == "hip"
+    with pytest.raises(ConfigError, match="unknown config key 'localize.vert_thresh'"):
+        load_config(stage, ["localize.vert_thresh=0.1"])
+    assert load_config(RSNA_BASE, ["localize.vert_thresh=0.1"]).localize.vert_thresh == 0.1
 
 
 def test_override_types_and_logging(caplog):
     with caplog.at_level(logging.INFO, logger="utils.config"):
         cfg = load_config(
-            ROOT / "config/stage1_vertebra.yaml",
+            ROOT / "config/rsna/stage1_vertebra.yaml",
             [
                 "train.lr=1e-4",
                 "train.stop_after=null",
@@ -63,32 +89,36 @@ def test_override_types_and_logging(caplog):
 
 def test_unknown_override_key_names_valid_keys():
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "config/stage1_vertebra.yaml", ["train.lrr=1"])
+        load_config(ROOT / "config/rsna/stage1_vertebra.yaml", ["train.lrr=1"])
     assert (
         "train.lrr" in str(err.value) and "batch_size" in str(err.value) and "lr" in str(err.value)
     )
     with pytest.raises(ConfigError, match="not of the form key=value"):
-        load_config(None, ["train.lr"])
+        load_config(RSNA_BASE, ["train.lr"])
     with pytest.raises(ConfigError, match="is a section"):
-        load_config(None, ["train=3"])
+        load_config(RSNA_BASE, ["train=3"])
 
 
 def test_unknown_key_in_stage_file_and_unknown_profile(tmp_path):
-    bad = tmp_path / "bad.yaml"
+    (tmp_path / "rsna").mkdir()
+    (tmp_path / "rsna" / "base.yaml").write_text(RSNA_BASE.read_text())
+    bad = tmp_path / "rsna" / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'train.epochz' in .*bad.yaml"):
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown profile 'fast'; available: demo, full, tiny"):
-        load_config(None, ["profile=fast"])
+        load_config(RSNA_BASE, ["profile=fast"])
+    with pytest.raises(ConfigError, match="config/<pipeline>/"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_profile_then_override_order():
-    cfg = load_config(ROOT / "config/stage2_fracture.yaml", ["profile=demo", "train.epochs=2"])
+    cfg = load_config(ROOT / "config/rsna/stage2_fracture.yaml", ["profile=demo", "train.epochs=2"])
     assert cfg.train.epochs == 2 and cfg.dataset.params.image_size == 80 and cfg.n_folds == 3
 
 
 def test_config_is_frozen_and_round_trips(tmp_path):
-    cfg = load_config(ROOT / "config/stage2_fracture.yaml")
+    cfg = load_config(ROOT / "config/rsna/stage2_fracture.yaml")
     with pytest.raises(TypeError):
         cfg.seed = 1
     save_config(cfg, tmp_path / "config.yaml")
@@ -103,7 +133,7 @@ def test_registry_errors_list_choices():
         match="unknown model 'resnet'; valid: fracture_seq, patient_head, vertebra_bbox_ratio",
     ):
         MODELS.get("resnet")
-    cfg = load_config(ROOT / "config/stage1_vertebra.yaml", ["model.params.dropuot=0.5"])
+    cfg = load_config(ROOT / "config/rsna/stage1_vertebra.yaml", ["model.params.dropuot=0.5"])
     with pytest.raises(
         TypeError, match="unknown params \\['dropuot'\\]; valid: backbone, in_chans"
     ):

@@ -1,4 +1,4 @@
-"""utils.dicom: real wheel DICOMs, synthetic studies in every transfer syntax, odd stacks, damage."""
+"""utils.rsna.dicom: real wheel DICOMs, synthetic studies in every transfer syntax, odd stacks, damage."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_rescale
 
-from utils.dicom import (
+from utils.rsna.dicom import (
     BONE_WINDOW,
     TRANSFER_SYNTAXES,
     StudyReadError,
@@ -299,7 +299,7 @@ def test_bad_files_are_dropped_with_a_log(tmp_path, caplog):
 # pixel data, and this test must report that regression instead of dying with it.
 _CHILD = """
 import json, sys
-from utils.dicom import load_study
+from utils.rsna.dicom import load_study
 results = {}
 for study, backend in json.loads(sys.argv[1]):
     s = load_study(study, backend=backend)

@@ -1,4 +1,4 @@
-"""Fold file: one fold per study, deterministic, balanced, stale-file guard, nnU-Net splits."""
+"""Fold file: one fold per case, deterministic, balanced, stale-file guard, ids as strings, nnU-Net splits."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.fold_split import (
-    fold_summary,
-    label_strata,
-    load_folds,
-    main,
-    make_folds,
-    nnunet_splits,
-    save_folds,
-    write_nnunet_splits,
-)
-from utils.metric import VERTEBRAE
+from utils import folds as generic
+from utils.fold_split import main
+from utils.folds import load_folds as load_folds_by
+from utils.folds import nnunet_splits, save_folds, with_folds, write_nnunet_splits
+from utils.rsna.folds import fold_summary, label_strata, make_folds
+from utils.rsna.metric import UID, VERTEBRAE
 
 REPO = Path(__file__).resolve().parents[1]
+RSNA_BASE = REPO / "config" / "rsna" / "base.yaml"
+
+
+def load_folds(path):
+    return load_folds_by(path, UID)
 
 
 def synthetic_train(n: int = 100, seed: int = 0) -> pd.DataFrame:
@@ -66,7 +66,7 @@ def test_balanced_sizes_and_positive_rates(n):
     train = synthetic_train(n, seed=n)
     folds = make_folds(train, n_folds=5, seed=42)
     summary = fold_summary(folds, train)
-    assert summary["n_studies"].max() - summary["n_studies"].min() <= 1
+    assert summary["n_cases"].max() - summary["n_cases"].min() <= 1
     overall = train["patient_overall"].mean()
     # One study of a 20-study fold moves the rate by 0.05.
     assert (summary["patient_overall"] - overall).abs().max() <= 0.06
@@ -141,7 +141,7 @@ def test_stale_fold_file_guard(tmp_path):
     other = make_folds(train, seed=7)
     moved = int((other["fold"] != folds["fold"]).sum())
     with pytest.raises(
-        FileExistsError, match=rf"{moved} studies change fold, 0 added, 0 removed.*--force"
+        FileExistsError, match=rf"{moved} cases change fold, 0 added, 0 removed.*--force"
     ):
         save_folds(other, path)
     assert path.read_bytes() == first
@@ -186,7 +186,7 @@ def test_nnunet_splits_with_case_map_keep_only_mapped_studies():
 @pytest.mark.parametrize(
     ("make_map", "message"),
     [
-        (lambda folds: {"9.9.9": "x"}, r"1 nnU-Net studies have no fold"),
+        (lambda folds: {"9.9.9": "x"}, r"1 nnU-Net cases have no fold"),
         (lambda folds: dict.fromkeys(folds["StudyInstanceUID"].iloc[:2], "case"), r"not unique"),
         (lambda folds: {folds["StudyInstanceUID"].iloc[0]: "a/b"}, r"without spaces or slashes"),
         (
@@ -201,18 +201,36 @@ def test_nnunet_splits_reject_bad_case_maps(make_map, message):
         nnunet_splits(folds, make_map(folds))
 
 
+# ---- generic ------------------------------------------------------------------------------------
+def test_numeric_looking_ids_survive_the_fold_merge(tmp_path):
+    """Ids such as 00123 or 1e5 stay strings: none is parsed as a number and lost in a merge."""
+    ids = ["00123", "1e5", "0042", "7", "NaN", "3.10"]
+    table = pd.DataFrame({"case": ids, "label": [0, 1, 0, 1, 0, 1]})
+    folds = generic.make_folds(table, "case", n_folds=2, seed=0, strata=table["label"])
+    path = save_folds(folds, tmp_path / "folds.csv")
+    loaded = generic.load_folds(path, "case")
+    assert sorted(loaded["case"]) == sorted(ids)
+    stage = pd.DataFrame({"case": ids * 2, "slice": range(12)})  # a stage table, 2 rows per case
+    merged = with_folds(stage, loaded, "case")
+    assert len(merged) == 12 and set(merged["case"]) == set(ids)
+
+
+def test_groups_keep_a_patient_in_one_fold():
+    table = pd.DataFrame({"case": [f"c{i}" for i in range(12)], "patient": np.repeat(range(4), 3)})
+    folds = generic.make_folds(table, "case", 2, seed=0, groups=table["patient"])
+    per_patient = with_folds(table, folds, "case").groupby("patient")["fold"].nunique()
+    assert (per_patient == 1).all() and folds["fold"].nunique() == 2
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 def test_cli_writes_folds_and_splits_and_guards(tmp_path, capsys):
-    train_csv, out, splits = (
-        tmp_path / "train.csv",
-        tmp_path / "out" / "folds.csv",
-        tmp_path / "splits_final.json",
-    )
+    data, out, splits = tmp_path / "data", tmp_path / "out" / "folds.csv", tmp_path / "splits.json"
+    data.mkdir()
     train = synthetic_train()
-    train.to_csv(train_csv, index=False)
+    train.to_csv(data / "train.csv", index=False)
     case_map = tmp_path / "cases.csv"
     train[["StudyInstanceUID"]].iloc[:30].to_csv(case_map, index=False)
-    args = ["--train-csv", str(train_csv), "--out", str(out)]
+    args = ["--CFG", str(RSNA_BASE), "--data-dir", str(data), "--out", str(out)]
 
     assert main([*args, "--nnunet-splits", str(splits), "--nnunet-case-map", str(case_map)]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -222,26 +240,30 @@ def test_cli_writes_folds_and_splits_and_guards(tmp_path, capsys):
     assert sorted(listed[0]["train"] + listed[0]["val"]) == sorted(
         train["StudyInstanceUID"].iloc[:30]
     )
+    pd.testing.assert_frame_equal(load_folds(out), make_folds(train, 5, seed=42))
 
     assert main(args) == 0 and out.read_bytes() == first
-    assert main([*args, "--seed", "1"]) == 2
+    assert main([*args, "seed=1"]) == 2
     assert "--force" in capsys.readouterr().err and out.read_bytes() == first
-    assert main([*args, "--seed", "1", "--force"]) == 0 and out.read_bytes() != first
+    assert main([*args, "seed=1", "--force"]) == 0 and out.read_bytes() != first
+    assert main([*args, "--data-dir", str(tmp_path / "missing")]) == 2
+    assert "train.csv not found" in capsys.readouterr().err
 
 
-def test_cli_runs_by_path(tmp_path):
-    train_csv, out = tmp_path / "train.csv", tmp_path / "folds.csv"
-    synthetic_train(30).to_csv(train_csv, index=False)
+def test_cli_runs_as_a_module_into_the_pipeline_folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    synthetic_train(30).to_csv(data / "train.csv", index=False)
     result = subprocess.run(
         [
             sys.executable,
-            "utils/fold_split.py",
-            "--train-csv",
-            str(train_csv),
-            "--out",
-            str(out),
-            "--n-folds",
-            "3",
+            "-m",
+            "utils.fold_split",
+            "--CFG",
+            "config/rsna/base.yaml",
+            f"data_dir={data}",
+            f"output_dir={tmp_path / 'output'}",
+            "n_folds=3",
         ],
         cwd=REPO,
         capture_output=True,
@@ -249,5 +271,6 @@ def test_cli_runs_by_path(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"wrote {out}: 30 studies in 3 folds (seed 42)"
+    out = tmp_path / "output" / "rsna" / "folds.csv"
+    assert result.stdout.strip().splitlines()[-1] == f"wrote {out}: 30 cases in 3 folds (seed 42)"
     assert sorted(load_folds(out)["fold"].unique()) == [0, 1, 2]

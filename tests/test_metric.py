@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.metric import (
+from utils.rsna.metric import (
     TARGETS,
     VERTEBRAE,
     WEIGHTS,
@@ -27,7 +27,7 @@ from utils.metric import (
     validate_submission,
     wide_to_long,
 )
-from utils.metric import main as metric_main
+from utils.rsna.metric import main as metric_main
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
@@ -300,7 +300,7 @@ def test_validate_submission_errors(corrupt, message):
 # ---- CLI ----------------------------------------------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "utils/metric.py", *map(str, args)],
+        [sys.executable, "-m", "utils.rsna.metric", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import MODELS
+from utils.registry import MODELS, load_pipeline
+
+load_pipeline("rsna")  # registers the RSNA models
 
 BATCHES = {
     "vertebra_bbox_ratio": lambda: {"image": torch.randn(2, 5, 64, 64), "z": torch.rand(2)},

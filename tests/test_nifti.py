@@ -1,4 +1,4 @@
-"""utils.nifti: RSNA orientation round trip, pairing with DICOM file numbers, checks, real files."""
+"""utils.rsna.nifti: RSNA orientation round trip, pairing with DICOM file numbers, checks, real files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from utils.dicom import load_study, write_slice
-from utils.nifti import load_rsna_seg, save_rsna_seg, to_file_order
+from utils.rsna.dicom import load_study, write_slice
+from utils.rsna.nifti import load_rsna_seg, save_rsna_seg, to_file_order
 
 
 def spine_labels(n_slices: int = 7, rows: int = 5, cols: int = 4) -> np.ndarray:

@@ -14,10 +14,12 @@ from conftest import tiny_overrides
 import inference
 import train
 from utils import paths
+from utils.rsna import layout
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.metric import validate_submission
-from utils.stage2_labels import main as stage2_labels_main
+from utils.rsna.metric import validate_submission
+from utils.rsna import chain
+from utils.rsna.localize import main as stage2_labels_main
 
 # Tiny models learn little in one epoch: accept (nearly) every slice as a vertebra so stage 2 has input.
 LOCALIZE = ["localize.vert_thresh=0.001"]
@@ -30,24 +32,24 @@ def ov(tiny_data, tiny_output):
 
 @pytest.fixture(scope="module")
 def stage1(ov):
-    train.main(["--CFG", "config/stage1_vertebra.yaml", *ov])
-    inference.main(["--CFG", "config/stage1_vertebra.yaml", "--split", "oof", *ov])
-    return load_config("config/stage1_vertebra.yaml", ov)
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
+    inference.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--split", "oof", *ov])
+    return load_config("config/rsna/stage1_vertebra.yaml", ov)
 
 
 @pytest.fixture(scope="module")
 def stage2(stage1, ov):
-    stage2_labels_main(["--CFG", "config/stage2_fracture.yaml", "--split", "oof", *ov])
-    train.main(["--CFG", "config/stage2_fracture.yaml", *ov])
-    inference.main(["--CFG", "config/stage2_fracture.yaml", "--split", "oof", *ov])
-    return load_config("config/stage2_fracture.yaml", ov)
+    stage2_labels_main(["--CFG", "config/rsna/stage2_fracture.yaml", *ov])
+    train.main(["--CFG", "config/rsna/stage2_fracture.yaml", *ov])
+    inference.main(["--CFG", "config/rsna/stage2_fracture.yaml", "--split", "oof", *ov])
+    return load_config("config/rsna/stage2_fracture.yaml", ov)
 
 
 @pytest.fixture(scope="module")
 def head(stage2, ov):
-    train.main(["--CFG", "config/patient_head.yaml", *ov])
-    inference.main(["--CFG", "config/patient_head.yaml", "--split", "oof", *ov])
-    return load_config("config/patient_head.yaml", ov)
+    train.main(["--CFG", "config/rsna/patient_head.yaml", *ov])
+    inference.main(["--CFG", "config/rsna/patient_head.yaml", "--split", "oof", *ov])
+    return load_config("config/rsna/patient_head.yaml", ov)
 
 
 def test_stage1_run_folder_and_oof(stage1, tiny_output):
@@ -72,9 +74,9 @@ def test_stage1_run_folder_and_oof(stage1, tiny_output):
         assert {"train_loss", "val_loss", "val_ratio_mae", "val_box_mae", "lr"} <= set(
             metrics.columns
         )
-    preds = pd.read_csv(paths.preds_csv(stage1, "oof"))
-    folds = pd.read_csv(tiny_output / "folds.csv")
-    studies = pd.read_csv(tiny_output / "prep" / "studies.csv")
+    preds = pd.read_csv(paths.preds_csv(stage1))
+    folds = pd.read_csv(tiny_output / "rsna" / "folds.csv")
+    studies = pd.read_csv(tiny_output / "rsna" / "prep" / "studies.csv")
     # Every train study predicted, each by the model of its own (held-out) fold, every slice once.
     merged = preds.groupby("StudyInstanceUID").agg(fold=("fold", "first"), n=("slice", "size"))
     merged = merged.join(folds.set_index("StudyInstanceUID").rename(columns={"fold": "fold_file"}))
@@ -88,7 +90,7 @@ def test_stage1_run_folder_and_oof(stage1, tiny_output):
 
 
 def test_stage2_and_cv_report(head, tiny_output):
-    report = json.loads((tiny_output / "cv_report.json").read_text())
+    report = json.loads((tiny_output / "rsna" / "cv_report.json").read_text())
     for key in (
         "oof_metric",
         "baseline_prior",
@@ -99,34 +101,34 @@ def test_stage2_and_cv_report(head, tiny_output):
     ):
         assert key in report
     assert report["model"] == "stage 2 + patient head"
-    assert report["n_studies"] == len(pd.read_csv(tiny_output / "folds.csv"))
+    assert report["n_studies"] == len(pd.read_csv(tiny_output / "rsna" / "folds.csv"))
     assert np.isfinite(report["oof_metric"]) and 0 < report["baseline_prior"] < 1
-    assert (tiny_output / "cv_report.md").read_text().startswith("# Cross-validation report")
-    assert (tiny_output / "cv_calibration.png").is_file()
-    oof = pd.read_csv(tiny_output / "oof_predictions.csv")
+    assert (tiny_output / "rsna" / "cv_report.md").read_text().startswith("# Cross-validation report")
+    assert (tiny_output / "rsna" / "cv_calibration.png").is_file()
+    oof = pd.read_csv(tiny_output / "rsna" / "oof_predictions.csv")
     assert oof[["patient_overall", "C1"]].notna().all().all()
 
 
 def test_submission_with_a_study_without_detections(head, tiny_data, tiny_output, ov, monkeypatch):
     rows = pd.read_csv(tiny_data / "test.csv")
     blind = rows.StudyInstanceUID.iloc[0]
-    original = inference.predict_stage1
+    original = chain.predict_stage1
 
     def no_vertebra_in_blind_study(*args, **kwargs):
         preds = original(*args, **kwargs)
         preds.loc[preds.StudyInstanceUID == blind, [f"C{i}" for i in range(1, 8)]] = 0.0
         return preds
 
-    monkeypatch.setattr(inference, "predict_stage1", no_vertebra_in_blind_study)
-    out = tiny_output / "submission.csv"
+    monkeypatch.setattr(chain, "predict_stage1", no_vertebra_in_blind_study)
+    out = tiny_output / "rsna" / "submission.csv"
     inference.main(
-        ["--CFG", "config/stage2_fracture.yaml", "--split", "test", "--out", str(out), *ov]
+        ["--CFG", "config/rsna/stage2_fracture.yaml", "--split", "test", "--out", str(out), *ov]
     )
     sub = pd.read_csv(out)
     assert sub.row_id.tolist() == rows.row_id.tolist()  # test.csv order
     validate_submission(sub, rows[["row_id"]].assign(fractured=0.0))
     assert sub.fractured.between(1e-6, 1 - 1e-6).all()
-    loc = pd.read_csv(paths.stage2_labels_csv(load_config(None, ov), "test"))
+    loc = pd.read_csv(layout.stage2_labels_csv(load_config("config/rsna/base.yaml", ov), "test"))
     assert blind not in set(loc.StudyInstanceUID)
     assert sub[sub.row_id.str.startswith(blind)].fractured.gt(0).all()
 
@@ -137,11 +139,11 @@ def _state(path):
 
 def test_resume_equals_straight_run(tiny_data, tiny_output):
     base = [*tiny_overrides(tiny_data, tiny_output), "train.epochs=2", "dataset.params.aug=1.0"]
-    train.main(["--CFG", "config/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=straight"])
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=straight"])
     train.main(
         [
             "--CFG",
-            "config/stage1_vertebra.yaml",
+            "config/rsna/stage1_vertebra.yaml",
             "--fold",
             "0",
             *base,
@@ -149,9 +151,9 @@ def test_resume_equals_straight_run(tiny_data, tiny_output):
             "train.stop_after=1",
         ]
     )
-    cfg = load_config("config/stage1_vertebra.yaml", [*base, "exp_name=resumed"])
+    cfg = load_config("config/rsna/stage1_vertebra.yaml", [*base, "exp_name=resumed"])
     assert load_checkpoint(paths.checkpoint_path(cfg, 0, "last"))["epoch"] == 0
-    train.main(["--CFG", "config/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=resumed"])
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=resumed"])
     a = _state(paths.checkpoint_path(cfg, 0, "last", exp="straight"))
     b = _state(paths.checkpoint_path(cfg, 0, "last"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -163,10 +165,10 @@ def test_resume_equals_straight_run(tiny_data, tiny_output):
 def test_resume_refuses_a_changed_config_and_skips_finished_folds(tiny_data, tiny_output, caplog):
     caplog.set_level(logging.INFO)
     base = [*tiny_overrides(tiny_data, tiny_output), "train.epochs=1", "exp_name=guarded"]
-    train.main(["--CFG", "config/stage1_vertebra.yaml", "--fold", "0", *base])
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base])
     with pytest.raises(SystemExit, match=r"different config \(train.lr\)"):
-        train.main(["--CFG", "config/stage1_vertebra.yaml", "--fold", "0", *base, "train.lr=0.1"])
-    train.main(["--CFG", "config/stage1_vertebra.yaml", "--fold", "0", *base])
+        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "train.lr=0.1"])
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base])
     assert "already trained" in caplog.text
     with pytest.raises(SystemExit, match="--fold must be"):
-        train.main(["--CFG", "config/stage1_vertebra.yaml", "--fold", "7", *base])
+        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "7", *base])

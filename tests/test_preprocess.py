@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from utils import paths
-from utils.preprocess_data import clean_labels, main, stage1_labels
+from utils.rsna import layout
+from utils.rsna.preprocess import clean_labels, main, stage1_labels
 
 
 def test_stage1_labels_known_answers():
@@ -66,8 +67,8 @@ def test_stray_voxels_do_not_count_in_ratio_or_box():
 
 
 def test_preprocess_tiny(tiny_data, tiny_output):
-    prep = tiny_output / "prep"
-    studies = pd.read_csv(paths.studies_csv(prep))
+    prep = tiny_output / "rsna" / "prep"
+    studies = pd.read_csv(layout.studies_csv(prep))
     train = pd.read_csv(tiny_data / "train.csv")
     n_test = len([p for p in (tiny_data / "test_images").iterdir() if p.is_dir()])
     assert len(studies) == len(train) + n_test
@@ -87,11 +88,11 @@ def test_preprocess_tiny(tiny_data, tiny_output):
     ]:
         assert col in studies.columns
     assert studies["reversed"].any() and (studies["rows"] != studies["cols"]).any()
-    labels = pd.read_csv(paths.stage1_labels_csv(prep))
+    labels = pd.read_csv(layout.stage1_labels_csv(prep))
     seg_studies = studies[studies.has_seg]
     assert len(labels) == seg_studies["n_slices"].sum()
     for _, row in studies.iterrows():
-        vol = np.load(paths.volume_path(prep, row.StudyInstanceUID), mmap_mode="r")
+        vol = np.load(layout.volume_path(prep, row.StudyInstanceUID), mmap_mode="r")
         assert vol.shape == (row.n_slices, 64, 64) and vol.dtype == np.uint8
     # Every segmented study has each vertebra's peak ratio at exactly 1, and C1 above C7.
     for _, g in labels.groupby("StudyInstanceUID"):
@@ -102,11 +103,11 @@ def test_preprocess_tiny(tiny_data, tiny_output):
 
 def test_preprocess_resumes_and_refuses_other_cache_settings(tiny_data, tiny_output, caplog):
     caplog.set_level(logging.INFO)
-    prep = tiny_output / "prep"
-    before = paths.studies_csv(prep).read_bytes()
+    prep = tiny_output / "rsna" / "prep"
+    before = layout.studies_csv(prep).read_bytes()
     main(["--data-dir", str(tiny_data), "--out-dir", str(prep), "profile=tiny"])
     assert "0 studies to process" in caplog.text
-    assert paths.studies_csv(prep).read_bytes() == before
+    assert layout.studies_csv(prep).read_bytes() == before
     with pytest.raises(SystemExit, match="cache built with"):
         main(
             ["--data-dir", str(tiny_data), "--out-dir", str(prep), "profile=tiny", "cache.size=32"]

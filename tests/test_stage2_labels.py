@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from utils.stage2_labels import COLUMNS, localize, longest_run, ordered_labels
+from utils.rsna.localize import COLUMNS, localize, longest_run, ordered_labels
 
 
 def test_longest_run():

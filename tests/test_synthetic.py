@@ -11,8 +11,8 @@ import pandas as pd
 import pydicom
 import pytest
 
-from utils.dicom import TRANSFER_SYNTAXES, Study, load_study
-from utils.make_synthetic import (
+from utils.rsna.dicom import TRANSFER_SYNTAXES, Study, load_study
+from utils.rsna.synthetic import (
     FRACTURED_COUNT,
     PRESETS,
     VERTEBRAE,
@@ -21,7 +21,7 @@ from utils.make_synthetic import (
     make_geometry,
     plan_dataset,
 )
-from utils.nifti import load_rsna_seg
+from utils.rsna.nifti import load_rsna_seg
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_COLS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
@@ -281,7 +281,7 @@ def test_demo_and_bench_plans():
 
 def test_cli_runs_by_path():
     result = subprocess.run(
-        [sys.executable, "utils/make_synthetic.py", "--help"],
+        [sys.executable, "-m", "utils.rsna.synthetic", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

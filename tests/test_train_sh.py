@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from utils.metric import score_submission, truth_to_long
+from utils.rsna.metric import score_submission, truth_to_long
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,20 @@
-"""Configuration: `config/base.yaml` defaults + a stage file's deltas + a profile + CLI overrides.
+"""Configuration: generic defaults + a pipeline's keys + a stage file's deltas + profiles + CLI overrides.
 
 Usage::
 
-    cfg = load_config("config/stage1_vertebra.yaml", ["train.lr=1e-4", "profile=demo"])
-    cfg.train.lr, cfg["train"]["lr"], cfg.get("train.lr")
+    cfg = load_config("config/rsna/stage1_vertebra.yaml", ["train.lr=1e-4", "profile=demo"])
+    cfg.train.lr, cfg["train"]["lr"], cfg.get("train.lr"), cfg.pipeline  # -> "rsna"
+
+Layers, in order: ``config/base.yaml`` (generic keys), ``config/<pipeline>/base.yaml`` (the keys
+only that pipeline has, declared once), the stage file ``config/<pipeline>/<stage>.yaml``
+(deltas), the ``profiles.<profile>`` block of each of the three, then the overrides. The
+pipeline is the stage file's folder; loading ``config/<pipeline>/base.yaml`` itself gives the
+pipeline's defaults without a stage.
 
 Rules (strict, so a typo never silently trains the wrong thing):
-- every key of a stage file, a profile block or an override must be declared in base.yaml,
-  except inside a `params` mapping, whose keys are checked against the registered component's
-  constructor when it is built;
+- every key of a stage file, a profile block or an override must be declared in config/base.yaml
+  or in the pipeline's base.yaml, except inside a `params` mapping, whose keys are checked
+  against the registered component's constructor when it is built;
 - overrides are ``dotted.key=value`` with the value parsed as YAML (``null``, ``true``, ``[1, 2]``);
 - each override is logged; the resolved config is frozen and can be dumped next to a run.
 """
@@ -29,11 +35,23 @@ from utils.io import write_text
 log = logging.getLogger(__name__)
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "config" / "base.yaml"
+PIPELINE_BASE = "base.yaml"  # config/<pipeline>/base.yaml: the pipeline's own keys
 _FREE_KEYS = ("params",)  # mappings whose keys are validated by the component, not by base.yaml
-# Keys that do not change what a run computes: a resumed run may differ in them.
-RUNTIME_KEYS = frozenset(
-    {"resume", "num_workers", "progress", "device", "train.stop_after", "infer.viz_studies"}
-)
+# Keys that do not change what a run computes (a resumed run may differ in them), and whether a
+# calling config's value also applies to the upstream stages it loads ("call": where data, runs
+# and devices are) or each stage keeps its own ("run": how that stage was set up to run).
+RUNTIME_KEYS = {
+    "data_dir": "call",
+    "output_dir": "call",
+    "device": "call",
+    "progress": "call",
+    "infer.checkpoint": "call",
+    "resume": "run",
+    "num_workers": "run",
+    "train.stop_after": "run",
+    "infer.viz_studies": "run",
+}
+CALL_KEYS = tuple(k for k, scope in RUNTIME_KEYS.items() if scope == "call")
 
 
 class _Loader(yaml.SafeLoader):
@@ -143,7 +161,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _check_keys(delta: Mapping[str, Any], schema: Mapping[str, Any], where: str, prefix: str = ""):
-    """Raise if ``delta`` holds a key that ``schema`` (base.yaml) does not declare."""
+    """Raise if ``delta`` holds a key that ``schema`` (the generic + pipeline keys) does not declare."""
     for key, value in delta.items():
         name = f"{prefix}{key}"
         if key not in schema:
@@ -216,42 +234,60 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _layers(path: Path | None) -> tuple[str | None, list[tuple[str, dict[str, Any]]]]:
+    """(pipeline name, [(where, mapping)] for the pipeline base and the stage file)."""
+    if path is None:
+        return None, []
+    path = Path(path)
+    pipeline_base = path.parent / PIPELINE_BASE
+    if not pipeline_base.is_file() or path.parent.resolve() == BASE_CONFIG.parent:
+        raise ConfigError(
+            f"{path}: a stage config lives in config/<pipeline>/ beside that pipeline's "
+            f"{PIPELINE_BASE}"
+        )
+    layers = [(str(pipeline_base), _read_yaml(pipeline_base))]
+    if path.resolve() != pipeline_base.resolve():
+        layers.append((str(path), _read_yaml(path)))
+    return path.parent.name, layers
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Resolve base.yaml + ``path`` (a stage file; None = base only) + profile + ``overrides``."""
+    """Resolve the layers for ``path`` (a stage file or a pipeline base; None = generic keys only)."""
     base = _read_yaml(BASE_CONFIG)
-    base_profiles = base.pop("profiles", {}) or {}
-    stage: dict[str, Any] = {}
-    stage_profiles: dict[str, Any] = {}
-    where = "base.yaml"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        stage = _read_yaml(path)
-        stage_profiles = stage.pop("profiles", {}) or {}
-        _check_keys(stage, base, where)
-    data = _merge(base, stage)
+    profiles = [("base.yaml", base.pop("profiles", {}) or {})]
+    pipeline, layers = _layers(Path(path) if path is not None else None)
+    data = base
+    for i, (where, layer) in enumerate(layers):
+        profiles.append((where, layer.pop("profiles", {}) or {}))
+        if i:  # the pipeline base declares keys; every later layer may only use them
+            _check_keys(layer, data, where)
+        data = _merge(data, layer)
+    schema = copy.deepcopy(data)
     pairs = parse_overrides(overrides)
 
     profile = dict(pairs).get("profile", data["profile"])
     if profile != "full":
-        known = sorted(set(base_profiles) | set(stage_profiles) | {"full"})
+        known = sorted({name for _, block in profiles for name in block} | {"full"})
         if profile not in known:
             raise ConfigError(f"unknown profile '{profile}'; available: {', '.join(known)}")
-        for source, block in (("base.yaml", base_profiles), (where, stage_profiles)):
+        for source, block in profiles:
             delta = block.get(profile) or {}
-            _check_keys(delta, base, f"{source} profiles.{profile}")
+            _check_keys(delta, schema, f"{source} profiles.{profile}")
             data = _merge(data, delta)
 
     for key, value in pairs:
+        if key == "pipeline":
+            raise ConfigError("'pipeline' is the stage file's folder (config/<pipeline>/)")
         old = _set_dotted(data, key, value, source="command line")
         log.info("override %s: %r -> %r", key, old, value)
+    data["pipeline"] = pipeline
     if data["exp_name"] is None:
-        data["exp_name"] = path.stem if path is not None else "base"
+        data["exp_name"] = Path(path).stem if path is not None else "base"
     return Config(data)
 
 
 def diff_configs(
-    a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = RUNTIME_KEYS
+    a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = tuple(RUNTIME_KEYS)
 ) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (``ignore`` keys skipped)."""
     ignore = set(ignore)
@@ -267,6 +303,11 @@ def diff_configs(
 
     fa, fb = flat(a), flat(b)
     return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def progress_off(cfg: Mapping[str, Any]) -> bool | None:
+    """tqdm's ``disable``: None lets tqdm hide bars when stderr is not a terminal (log files, CI)."""
+    return None if cfg["progress"] else True
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from utils.config import progress_off
 from utils.seed import loader_generator, worker_init_fn
-
-
-def progress_off(cfg) -> bool | None:
-    """tqdm's ``disable``: None lets tqdm hide bars when stderr is not a terminal (log files, CI)."""
-    return None if cfg["progress"] else True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,28 +38,43 @@ def needs_scaler(cfg, device: torch.device) -> bool:
     )
 
 
-def to_device(
-    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool
-) -> dict[str, torch.Tensor]:
-    """Move a batch; 4-D image tensors go channels_last when asked (5-D sequences are reshaped in the model)."""
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """Move the tensors of a batch; other fields (case ids, paths) pass through unchanged.
+
+    4-D image tensors go channels_last when asked (5-D sequences are reshaped in the model).
+    """
     out = {}
     for key, value in batch.items():
-        value = value.to(device, non_blocking=True)
-        if channels_last and value.ndim == 4:
-            value = value.contiguous(memory_format=torch.channels_last)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
         out[key] = value
     return out
 
 
-def make_loader(cfg, ds: Dataset, train: bool, epoch: int = 0) -> DataLoader:
-    """Shuffled (train) or ordered loader; the order depends only on ``seed + epoch``."""
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Number of samples in a collated batch (the length of its first field)."""
+    return len(next(iter(batch.values())))
+
+
+def make_loader(
+    cfg, ds: Dataset, train: bool, epoch: int = 0, sampler: Sampler | None = None
+) -> DataLoader:
+    """Shuffled (train) or ordered loader; the order depends only on ``seed + epoch``.
+
+    ``sampler`` (e.g. a DistributedSampler) replaces the shuffling; it is told the epoch.
+    """
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
+    if sampler is not None and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
     bs = cfg["train"]["batch_size"] if train else cfg["infer"]["batch_size"]
     return DataLoader(
         ds,
         batch_size=bs,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train and len(ds) > bs,
         num_workers=cfg["num_workers"],
         generator=loader_generator(cfg["seed"] + epoch),
@@ -78,11 +90,49 @@ def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn
     return model
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _numpy(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+@torch.inference_mode()
+def stream_predictions(
+    cfg, models: Sequence[torch.nn.Module], loader: Iterable, device, desc: str = "predict"
+) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Yield ``(batch, outputs)`` per batch, the outputs (float32) averaged over ``models``.
+
+    Nothing is accumulated, so predictions of any size (full-resolution masks) can be written
+    batch by batch; the batch keeps its non-tensor fields (case ids) to say what was predicted.
+    """
+    for m in models:
+        m.eval()
+    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off(cfg)):
+        batch = to_device(batch, device, cfg["train"]["channels_last"])
+        outs = []
+        for m in models:
+            with autocast(cfg, device):
+                outs.append(_numpy(m(batch)))
+        yield batch, outs[0] if len(outs) == 1 else mean_outputs(outs)
+
+
 @torch.inference_mode()
 def predict(
     cfg, model, loader, device, loss_fn=None, desc: str = "predict"
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Concatenated float32 model outputs over ``loader`` (+ the mean loss when ``loss_fn`` is given)."""
+    """Concatenated float32 outputs of one model over ``loader`` (+ the mean loss with ``loss_fn``).
+
+    For validation sets, which fit in memory; large predictions go through ``stream_predictions``.
+    """
     model.eval()
     outs: dict[str, list[np.ndarray]] = {}
     total, n = 0.0, 0
@@ -91,11 +141,11 @@ def predict(
         with autocast(cfg, device):
             out = model(batch)
         if loss_fn is not None:
-            size = len(next(iter(batch.values())))
+            size = batch_size_of(batch)
             total += loss_fn(out, batch).item() * size
             n += size
-        for key, value in out.items():
-            outs.setdefault(key, []).append(value.float().cpu().numpy())
+        for key, value in _numpy(out).items():
+            outs.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in outs.items()}, (total / n if n else float("nan"))
 
 

@@ -1,155 +1,190 @@
-"""Fold models and per-stage predictors used by inference.py (OOF and test)."""
+"""Trained stages as predictors: fold models from their run folders, streamed to a writer.
+
+Used by inference.py (OOF and test predictions of any registered stage) and by a pipeline's
+test-time chain. A registered dataset says what its predictions look like:
+
+- ``key_columns``: the table columns that identify a row (written beside the outputs);
+- ``output_columns(outputs) -> {column: (B,) array}``: model outputs of one batch as columns
+  (default: each (B,) output as is, each (B, K) output as ``<name>_<k>``);
+- ``make_writer(cfg, path, table)`` (optional): its own writer (e.g. one mask file per case)
+  instead of the CSV writer; a writer is a context manager with ``write(rows, outputs)`` that
+  publishes its output on a clean exit and nothing on an exception.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from models import build_model
 from utils import paths
 from utils.checkpoint import load_checkpoint
-from utils.config import Config
-from utils.datasets import (
-    VERTEBRAE,
-    StudyLogits,
-    VertebraSequences,
-    VertebraSlices,
-    study_logit_table,
+from utils.config import CALL_KEYS, Config
+from utils.engine import (
+    batch_size_of,
+    make_loader,
+    prepare_model,
+    resolve_device,
+    stream_predictions,
 )
-from utils.engine import make_loader, mean_outputs, predict, prepare_model, resolve_device
-from utils.preprocess_data import BOX_COLS
+from utils.io import atomic_path
+from utils.registry import DATASETS, build_dataset, build_model
 
 log = logging.getLogger(__name__)
-# What each stage predicts is decided by its dataset (the thing that defines its samples).
-STAGE_KIND = {"vertebra_slices": "stage1", "vertebra_sequences": "stage2", "study_logits": "head"}
-# Keys of the calling config that override a stage's saved run config at prediction time
-# (where the data and runs are, and how to run); everything else stays as the stage was trained.
-_RUNTIME = ("data_dir", "output_dir", "device", "progress")
 
 
-def stage_kind(cfg: Config) -> str:
-    name = cfg["dataset"]["name"]
-    if name not in STAGE_KIND:
-        raise ValueError(f"dataset '{name}' has no predictor; known: {sorted(STAGE_KIND)}")
-    return STAGE_KIND[name]
-
-
-def trained_folds(cfg: Config, exp: str) -> list[int]:
-    """Folds of ``exp`` with the checkpoint ``infer.checkpoint`` (best | last) on disk."""
-    root = paths.exp_dir(cfg, exp)
+def trained_folds(cfg: Config, exp: str | None = None) -> list[int]:
+    """Folds of ``exp`` (default: the config's own) with an ``infer.checkpoint`` file on disk."""
     kind = cfg["infer"]["checkpoint"]
-    folds = sorted(int(p.parent.name[4:]) for p in root.glob(f"fold*/{kind}.pth"))
-    return folds
+    return sorted(int(p.parent.name[4:]) for p in paths.exp_dir(cfg, exp).glob(f"fold*/{kind}.pth"))
 
 
-def is_fresh(product, cfg: Config, exp: str) -> bool:
-    """True when ``product`` exists and is newer than every checkpoint of ``exp`` it was made from."""
-    kind = cfg["infer"]["checkpoint"]
-    ckpts = list(paths.exp_dir(cfg, exp).glob(f"fold*/{kind}.pth"))
-    return (
-        product.is_file()
-        and bool(ckpts)
-        and product.stat().st_mtime > max(p.stat().st_mtime for p in ckpts)
-    )
-
-
-def run_config(cfg: Config, exp: str) -> Config:
-    """The resolved config ``exp`` was trained with, with this call's runtime keys (paths, device)."""
+def run_config(cfg: Config, exp: str | None = None) -> Config:
+    """The resolved config ``exp`` was trained with, with the caller's ``CALL_KEYS`` (paths, device)."""
+    exp = exp or cfg["exp_name"]
     folds = trained_folds(cfg, exp)
     if not folds:
         raise SystemExit(
             f"error: no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)} "
             f"(looked for fold*/{cfg['infer']['checkpoint']}.pth); train it with train.py first"
         )
-    saved = load_checkpoint(paths.checkpoint_path(cfg, folds[0], cfg["infer"]["checkpoint"], exp))[
-        "config"
-    ]
-    saved.update({k: cfg[k] for k in _RUNTIME})
-    saved["infer"]["checkpoint"] = cfg["infer"]["checkpoint"]
-    return Config(saved)
+    saved = Config(
+        load_checkpoint(paths.checkpoint_path(cfg, folds[0], cfg["infer"]["checkpoint"], exp))[
+            "config"
+        ]
+    )
+    return saved.replace(**{k: cfg.get(k) for k in CALL_KEYS})
 
 
 def load_models(cfg: Config, folds: Iterable[int] | None = None) -> dict[int, torch.nn.Module]:
-    """fold -> model in eval mode, from ``infer.checkpoint`` of each trained fold of ``cfg.exp_name``."""
+    """fold -> model in eval mode, from ``infer.checkpoint`` of each trained fold of the run."""
     device = resolve_device(cfg["device"])
     models = {}
-    for fold in folds if folds is not None else trained_folds(cfg, cfg["exp_name"]):
+    for fold in folds if folds is not None else trained_folds(cfg):
         state = load_checkpoint(paths.checkpoint_path(cfg, fold, cfg["infer"]["checkpoint"]))
-        model = build_model(state["config"])
+        model = build_model(Config(state["config"]))
         model.load_state_dict(state["model"])
         models[fold] = prepare_model(model, cfg, device).eval()
     return models
 
 
-def _ensemble(cfg: Config, models: Iterable[torch.nn.Module], ds) -> dict[str, np.ndarray]:
-    device = resolve_device(cfg["device"])
-    loader = make_loader(cfg, ds, train=False)
-    return mean_outputs([predict(cfg, m, loader, device, desc=cfg["exp_name"])[0] for m in models])
-
-
-# ---- stage 1 ------------------------------------------------------------------------------------
-def slice_table(cfg: Config, uids: Iterable[str]) -> pd.DataFrame:
-    """Every slice of each cached study: StudyInstanceUID, slice."""
-    prep = paths.prep_dir(cfg)
-    parts = []
-    for uid in uids:
-        n = np.load(paths.volume_path(prep, uid), mmap_mode="r").shape[0]
-        parts.append(pd.DataFrame({"StudyInstanceUID": uid, "slice": np.arange(n)}))
+def is_fresh(product: Path, cfg: Config, inputs: Sequence[Path] = ()) -> bool:
+    """True when ``product`` is newer than every checkpoint of the run and every input file."""
+    kind = cfg["infer"]["checkpoint"]
+    sources = [*paths.exp_dir(cfg).glob(f"fold*/{kind}.pth"), *map(Path, inputs)]
     return (
-        pd.concat(parts, ignore_index=True)
-        if parts
-        else pd.DataFrame(columns=["StudyInstanceUID", "slice"])
+        product.is_file()
+        and bool(sources)
+        and all(p.is_file() for p in sources)
+        and product.stat().st_mtime > max(p.stat().st_mtime for p in sources)
     )
 
 
-def predict_stage1(
-    cfg: Config, models: Iterable[torch.nn.Module], uids: Iterable[str]
-) -> pd.DataFrame:
-    """Per-slice box and C1..C7 ratios (fold-ensemble mean) for the studies ``uids``."""
-    table = slice_table(cfg, uids)
-    if table.empty:
-        return table.reindex(columns=[*table.columns, *BOX_COLS, *VERTEBRAE])
-    ds = VertebraSlices(table, cfg, train=False, **{**cfg["dataset"]["params"], "aug": 0.0})
-    out = _ensemble(cfg, models, ds)
-    table[BOX_COLS] = out["box"]
-    table[VERTEBRAE] = out["ratios"]
-    return table
+# ---- writers ------------------------------------------------------------------------------------
+def output_columns(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Default: each (B,) output as a column, each (B, K) output as ``<name>_<k>`` columns."""
+    cols: dict[str, np.ndarray] = {}
+    for name, value in outputs.items():
+        if value.ndim == 1:
+            cols[name] = value
+        elif value.ndim == 2:
+            cols.update({f"{name}_{k}": value[:, k] for k in range(value.shape[1])})
+        else:
+            raise ValueError(
+                f"output '{name}' has shape {value.shape}: a dataset with per-pixel outputs "
+                "needs its own make_writer"
+            )
+    return cols
 
 
-# ---- stage 2 ------------------------------------------------------------------------------------
-def predict_stage2(
-    cfg: Config, models: Iterable[torch.nn.Module], table: pd.DataFrame
-) -> pd.DataFrame:
-    """Per (study, vertebra) fracture logit (fold-ensemble mean of logits) for a stage-2 table."""
-    table = table[["StudyInstanceUID", "vertebra", "start", "end", *BOX_COLS]].reset_index(
-        drop=True
-    )
-    if table.empty:
-        return table.assign(logit=pd.Series(dtype=float))
-    ds = VertebraSequences(table, cfg, train=False, **{**cfg["dataset"]["params"], "aug": 0.0})
-    table["logit"] = _ensemble(cfg, models, ds)["logit"]
-    return table
+class CsvWriter:
+    """Appends one CSV block per batch to a temporary file, published atomically on success.
 
-
-# ---- patient head -------------------------------------------------------------------------------
-def predict_head(
-    cfg: Config,
-    models: Iterable[torch.nn.Module],
-    stage2: pd.DataFrame,
-    uids: Iterable[str],
-    priors: dict[str, float],
-) -> pd.DataFrame:
-    """Wide probabilities (StudyInstanceUID, patient_overall, C1..C7) for every study in ``uids``.
-
-    Studies or vertebrae without a stage-2 prediction enter the head as 'missing' with prior logits.
+    Use as a context manager: on an exception the temporary file is dropped, so a half-written
+    prediction file is never left behind. Columns: the dataset's ``key_columns``, its output
+    columns, then those of ``trailing`` that the rows carry (e.g. ``fold``).
     """
-    table = study_logit_table(stage2, priors, uids)
-    out = _ensemble(cfg, models, StudyLogits(table, cfg, train=False))
-    probs = 1 / (1 + np.exp(-out["logits"].astype(np.float64)))
-    return pd.DataFrame(probs, columns=["patient_overall", *VERTEBRAE]).assign(
-        StudyInstanceUID=table["StudyInstanceUID"].to_numpy()
-    )[["StudyInstanceUID", "patient_overall", *VERTEBRAE]]
+
+    def __init__(self, path: Path, dataset_cls: Any, trailing: Sequence[str] = ("fold",)):
+        self.path = Path(path)
+        self.keys = list(dataset_cls.key_columns)
+        self.to_columns = getattr(dataset_cls, "output_columns", output_columns)
+        self.trailing = list(trailing)
+        self._stack = contextlib.ExitStack()
+        self._tmp: Path | None = None
+        self._header = True
+
+    def __enter__(self) -> CsvWriter:
+        self._tmp = self._stack.enter_context(atomic_path(self.path))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None and self._header:  # no batch at all: publish the header only
+            pd.DataFrame(columns=self.keys).to_csv(self._tmp, index=False)
+        return self._stack.__exit__(*exc)
+
+    def write(self, rows: pd.DataFrame, outputs: Mapping[str, np.ndarray]) -> None:
+        block = rows[self.keys].reset_index(drop=True)
+        for name, col in self.to_columns(outputs).items():
+            block[name] = col
+        for name in self.trailing:
+            if name in rows.columns:
+                block[name] = rows[name].to_numpy()
+        block.to_csv(self._tmp, mode="w" if self._header else "a", header=self._header, index=False)
+        self._header = False
+
+
+def read_predictions(path: Path, id_col: str) -> pd.DataFrame:
+    """A predictions CSV with the case ids read as strings."""
+    return pd.read_csv(path, dtype={id_col: str}, keep_default_na=False)
+
+
+# ---- prediction ---------------------------------------------------------------------------------
+def iter_predictions(
+    cfg: Config, models: Sequence[torch.nn.Module], table: pd.DataFrame, **dataset_extra: Any
+) -> Iterator[tuple[pd.DataFrame, dict[str, np.ndarray]]]:
+    """``(rows, outputs)`` per batch for the rows of ``table``, outputs averaged over ``models``."""
+    table = table.reset_index(drop=True)
+    if table.empty:
+        return
+    ds = build_dataset(cfg, table, train=False, **dataset_extra)
+    device = resolve_device(cfg["device"])
+    start = 0
+    loader = make_loader(cfg, ds, train=False)
+    for batch, outputs in stream_predictions(cfg, models, loader, device, desc=cfg["exp_name"]):
+        n = batch_size_of(batch)
+        yield table.iloc[start : start + n], outputs
+        start += n
+
+
+def predict_to(writer, cfg: Config, models, table: pd.DataFrame, **dataset_extra: Any) -> None:
+    """Stream the predictions of ``models`` on ``table`` into ``writer`` (no close)."""
+    for rows, outputs in iter_predictions(cfg, list(models), table, **dataset_extra):
+        writer.write(rows, outputs)
+
+
+def make_writer(cfg: Config, path: Path, table: pd.DataFrame):
+    """The dataset's own writer when it has one, else a :class:`CsvWriter` (a context manager)."""
+    dataset_cls = DATASETS.get(cfg["dataset"]["name"])
+    if hasattr(dataset_cls, "make_writer"):
+        return dataset_cls.make_writer(cfg, path, table)
+    return CsvWriter(path, dataset_cls)
+
+
+def predict_frame(cfg: Config, models, table: pd.DataFrame, **dataset_extra: Any) -> pd.DataFrame:
+    """Predictions on a table small enough for memory: key columns + output columns."""
+    dataset_cls = DATASETS.get(cfg["dataset"]["name"])
+    to_columns = getattr(dataset_cls, "output_columns", output_columns)
+    parts = []
+    for rows, outputs in iter_predictions(cfg, list(models), table, **dataset_extra):
+        block = rows[list(dataset_cls.key_columns)].reset_index(drop=True)
+        parts.append(block.assign(**to_columns(outputs)))
+    if not parts:
+        return table.reindex(columns=list(dataset_cls.key_columns)).iloc[:0]
+    return pd.concat(parts, ignore_index=True)

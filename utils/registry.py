@@ -1,14 +1,21 @@
-"""Named component registries: configs pick models, datasets and losses by name.
+"""Named component registries: configs pick the pipeline, dataset, model and loss by name.
 
 An unknown name, or a ``params`` key the component's constructor does not take, is an error
-that lists the valid choices.
+that lists the valid choices. A pipeline's package registers its components when it is imported:
+:func:`load_pipeline` imports ``utils/<pipeline>/pipeline.py`` the first time a config of that
+pipeline is used, so train.py and inference.py never name a data set.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from utils.config import Config
 
@@ -63,3 +70,89 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
+
+
+MODELS = Registry("model")
+DATASETS = Registry("dataset")
+LOSSES = Registry("loss")
+PIPELINES = Registry("pipeline")
+
+
+@dataclass(frozen=True)
+class FoldInputs:
+    """What utils/fold_split.py splits: one row per case, optional strata and groups (N,).
+
+    ``summary``: label columns of ``table`` whose per-fold mean is printed as a balance check.
+    """
+
+    table: pd.DataFrame
+    strata: Any = None
+    groups: Any = None
+    summary: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A data set's pipeline as the generic entry points see it.
+
+    ``id_col`` names a case in every table and in the fold file. ``fold_inputs(cfg)`` gives the
+    cases to split; ``preprocess(argv)`` is its conversion's command line; ``after_oof(cfg)``
+    (optional) writes reports once a stage's OOF predictions exist; ``test(cfg, out)``
+    (optional) runs the whole test-time chain on ``cfg.data_dir`` and writes a submission.
+    """
+
+    name: str
+    id_col: str
+    fold_inputs: Callable[[Config], FoldInputs]
+    preprocess: Callable[[list[str] | None], Any]
+    after_oof: Callable[[Config], Any] | None = None
+    test: Callable[[Config, Path], Any] | None = None
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+
+def available_pipelines() -> list[str]:
+    """Pipelines of this repository (config/<name>/base.yaml) plus any registered in-process."""
+    shipped = {p.parent.name for p in CONFIG_DIR.glob("*/base.yaml")}
+    return sorted(shipped | set(PIPELINES.names()))
+
+
+def load_pipeline(name: str) -> Pipeline:
+    """The registered pipeline ``name``, importing ``utils.<name>.pipeline`` on first use."""
+    if name not in PIPELINES.names():
+        try:
+            importlib.import_module(f"utils.{name}.pipeline")
+        except ModuleNotFoundError as err:
+            if err.name not in (f"utils.{name}", f"utils.{name}.pipeline"):
+                raise
+            raise KeyError(
+                f"unknown pipeline {name!r}; valid: {', '.join(available_pipelines())}"
+            ) from None
+    return PIPELINES.get(name)
+
+
+def build_model(cfg):
+    """The model named by ``cfg.model.name`` built with ``cfg.model.params``.
+
+    ``in_chans`` is taken from the dataset params when the dataset declares it, so the number of
+    stacked slices is configured once and really reaches the encoder.
+    """
+    load_pipeline(cfg["pipeline"])
+    extra = {}
+    if "in_chans" in cfg["dataset"]["params"]:
+        extra["in_chans"] = cfg["dataset"]["params"]["in_chans"]
+    return MODELS.build(cfg["model"]["name"], cfg["model"]["params"], **extra)
+
+
+def build_dataset(cfg, table: pd.DataFrame, train: bool, **extra: Any):
+    """The dataset named by ``cfg.dataset.name`` over ``table`` (``extra``: e.g. a cache folder)."""
+    load_pipeline(cfg["pipeline"])
+    return DATASETS.build(
+        cfg["dataset"]["name"], cfg["dataset"]["params"], table=table, cfg=cfg, train=train, **extra
+    )
+
+
+def build_loss(cfg):
+    load_pipeline(cfg["pipeline"])
+    return LOSSES.build(cfg["loss"]["name"], cfg["loss"]["params"])

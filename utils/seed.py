@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import torch
 
 
+def process_rank() -> int:
+    """This process's rank in a ``torchrun`` job (``RANK``), 0 when run alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
+    """Seed python, numpy and torch (all devices) with ``seed + rank``.
+
+    Each DDP process gets its own stream (its own dropout masks and augmentations); a single
+    process (rank 0) uses ``seed`` itself, so results do not change when run alone.
+    """
+    seed = seed + process_rank()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

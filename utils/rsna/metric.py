@@ -21,12 +21,6 @@ prints ``error: <message>`` to stderr and exits with code 2.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import sys
 from collections.abc import Sequence

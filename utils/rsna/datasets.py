@@ -1,9 +1,12 @@
-"""Dataset registry: each stage's samples, read from the uint8 volume cache (never from DICOM).
+"""RSNA 2022 datasets (registered in ``utils.registry.DATASETS``), read from the uint8 volume cache.
 
 A registered dataset class provides
 
 - ``load_table(cfg) -> DataFrame``: every training row of the stage (with ``StudyInstanceUID``);
   train.py splits it with the fold file;
+- ``oof_table(cfg)``: the rows inference.py predicts out of fold (default: ``load_table``), and
+  ``oof_inputs(cfg)``: the files that table is made from (a newer one invalidates the OOF file);
+- ``key_columns`` and ``output_columns(outputs)``: what a prediction row holds (utils/predict.py);
 - ``__init__(table, cfg, train, **params)`` and ``__getitem__ -> dict`` of tensors;
 - ``set_epoch(epoch)``: augmentation is seeded by (seed, epoch, index), so a resumed run and
   a straight run see identical samples whatever the worker scheduling;
@@ -12,8 +15,10 @@ A registered dataset class provides
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import albumentations as A
@@ -25,20 +30,14 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import Dataset
 
 from utils import paths
-from utils.metric import TARGETS, VERTEBRAE, score
-from utils.preprocess_data import BOX_COLS
-from utils.registry import Registry
+from utils.registry import DATASETS
+from utils.rsna import layout
+from utils.rsna.metric import TARGETS, UID, VERTEBRAE, score
+from utils.rsna.preprocess import BOX_COLS
 
-DATASETS = Registry("dataset")
 # One OpenCV thread per process, set before any cv2 call: a forked DataLoader worker deadlocks
 # once the parent has started OpenCV's thread pool, and loader workers parallelise anyway.
 cv2.setNumThreads(1)
-
-
-def build_dataset(cfg, table: pd.DataFrame, train: bool) -> Dataset:
-    return DATASETS.build(
-        cfg["dataset"]["name"], cfg["dataset"]["params"], table=table, cfg=cfg, train=train
-    )
 
 
 @lru_cache(maxsize=64)
@@ -83,9 +82,11 @@ def geometric_aug(strength: float, with_boxes: bool = False) -> A.Compose:
 class _CacheDataset(Dataset):
     """Common parts: table, prep dir, per-sample seeding of the augmentation."""
 
-    def __init__(self, table: pd.DataFrame, cfg: Mapping[str, Any], train: bool, aug: float):
+    def __init__(
+        self, table: pd.DataFrame, cfg: Mapping[str, Any], train: bool, aug: float, prep=None
+    ):
         self.table = table.reset_index(drop=True)
-        self.prep = paths.prep_dir(cfg)
+        self.prep = Path(prep) if prep is not None else paths.prep_dir(cfg)
         self.train = train
         self.seed = int(cfg["seed"])
         self.epoch = 0
@@ -101,7 +102,7 @@ class _CacheDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def volume(self, uid: str) -> np.ndarray:
-        return _volume(str(paths.volume_path(self.prep, uid)))
+        return _volume(str(layout.volume_path(self.prep, uid)))
 
 
 # ---- stage 1 ------------------------------------------------------------------------------------
@@ -122,21 +123,41 @@ class VertebraSlices(_CacheDataset):
         in_chans: int = 3,
         slice_step: int = 1,
         aug: float = 1.0,
+        prep: Path | None = None,
     ):
-        super().__init__(table, cfg, train, aug)
+        super().__init__(table, cfg, train, aug, prep)
         self.image_size, self.in_chans, self.slice_step = image_size, in_chans, slice_step
         self.has_targets = set(VERTEBRAE + BOX_COLS) <= set(self.table.columns)
         self.transform = geometric_aug(self.aug, with_boxes=True) if self.aug else None
 
+    key_columns = (UID, "slice")
+
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
-        path = paths.stage1_labels_csv(paths.prep_dir(cfg))
-        table = pd.read_csv(path)
+        path = layout.stage1_labels_csv(paths.prep_dir(cfg))
+        table = pd.read_csv(path, dtype={UID: str})
         if table.empty:
             raise ValueError(
                 f"{path} has no rows: stage 1 needs segmented studies (segmentations/*.nii)"
             )
         return table
+
+    @staticmethod
+    def oof_table(cfg) -> pd.DataFrame:
+        """Every slice of every cached train study (segmented or not): StudyInstanceUID, slice."""
+        studies = pd.read_csv(layout.studies_csv(paths.prep_dir(cfg)), dtype={UID: str})
+        return slice_table(studies[studies["split"] == "train"])
+
+    @staticmethod
+    def oof_inputs(cfg) -> list[Path]:
+        return [layout.studies_csv(paths.prep_dir(cfg))]
+
+    @staticmethod
+    def output_columns(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            **dict(zip(BOX_COLS, out["box"].T, strict=True)),
+            **dict(zip(VERTEBRAE, out["ratios"].T, strict=True)),
+        }
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.table.iloc[index]
@@ -198,8 +219,9 @@ class VertebraSequences(_CacheDataset):
         seq_len: int = 24,
         slice_step: int = 1,
         aug: float = 1.0,
+        prep: Path | None = None,
     ):
-        super().__init__(table, cfg, train, aug)
+        super().__init__(table, cfg, train, aug, prep)
         self.image_size, self.in_chans, self.seq_len, self.slice_step = (
             image_size,
             in_chans,
@@ -208,15 +230,25 @@ class VertebraSequences(_CacheDataset):
         )
         self.transform = geometric_aug(self.aug) if self.aug else None
 
+    key_columns = (UID, "vertebra", "start", "end", *BOX_COLS)
+
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
         """stage2_labels_oof.csv (from stage-1 OOF predictions) joined with the train.csv labels."""
-        ranges = pd.read_csv(paths.stage2_labels_csv(cfg, "oof"))
-        labels = pd.read_csv(paths.labels_csv(paths.data_dir(cfg)))
+        ranges = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"), dtype={UID: str})
+        labels = pd.read_csv(layout.labels_csv(paths.data_dir(cfg)), dtype={UID: str})
         long = labels.melt(
             "StudyInstanceUID", VERTEBRAE, var_name="vertebra", value_name="fractured"
         )
         return ranges.merge(long, on=["StudyInstanceUID", "vertebra"], how="inner", validate="1:1")
+
+    @staticmethod
+    def oof_inputs(cfg) -> list[Path]:
+        return [layout.stage2_labels_csv(cfg, "oof")]
+
+    @staticmethod
+    def output_columns(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"logit": out["logit"]}
 
     def centres(self, start: int, end: int, index: int) -> np.ndarray:
         pos = np.linspace(start, end, self.seq_len)
@@ -288,9 +320,34 @@ def study_logit_table(
 
 
 def train_priors(cfg) -> dict[str, float]:
-    """Prevalence of each target in train.csv (fills for studies/vertebrae without predictions)."""
-    labels = pd.read_csv(paths.labels_csv(paths.data_dir(cfg)))
-    return {t: float(labels[t].mean()) for t in TARGETS}
+    """Prevalence of each target in train.csv (fills for studies/vertebrae without predictions).
+
+    A test folder without train.csv uses the priors the CV report saved from the training data.
+    """
+    labels_path = layout.labels_csv(paths.data_dir(cfg))
+    if labels_path.is_file():
+        labels = pd.read_csv(labels_path, dtype={UID: str})
+        return {t: float(labels[t].mean()) for t in TARGETS}
+    saved = layout.priors_json(cfg)
+    if not saved.is_file():
+        raise SystemExit(
+            f"error: {labels_path} not found and no saved train priors ({saved}); "
+            "run the CV report (inference.py --split oof) on the training data first"
+        )
+    return json.loads(saved.read_text())
+
+
+def slice_table(studies: pd.DataFrame) -> pd.DataFrame:
+    """Every slice of each study of a studies table (StudyInstanceUID, n_slices), in UID order."""
+    studies = studies.sort_values(UID)
+    return pd.DataFrame(
+        {
+            UID: np.repeat(studies[UID].to_numpy(), studies["n_slices"].to_numpy()),
+            "slice": np.concatenate(
+                [np.arange(n) for n in studies["n_slices"]] or [np.zeros(0, int)]
+            ),
+        }
+    )
 
 
 @DATASETS.register("study_logits")
@@ -311,13 +368,32 @@ class StudyLogits(Dataset):
             else None
         )
 
+    key_columns = (UID,)
+
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
-        """Upstream (stage-2) OOF predictions pivoted per study, joined with train.csv."""
-        preds = pd.read_csv(paths.preds_csv(cfg, "oof", exp=cfg["upstream"]))
-        labels = pd.read_csv(paths.labels_csv(paths.data_dir(cfg)))
+        """Stage-2 OOF predictions pivoted per study, joined with train.csv."""
+        preds = pd.read_csv(paths.preds_csv(cfg, cfg["stages"]["fracture"]), dtype={UID: str})
+        labels = pd.read_csv(layout.labels_csv(paths.data_dir(cfg)), dtype={UID: str})
         table = study_logit_table(preds, train_priors(cfg))
         return table.merge(labels, on="StudyInstanceUID", how="inner", validate="1:1")
+
+    @staticmethod
+    def oof_table(cfg) -> pd.DataFrame:
+        """Every train study, also those without any stage-2 prediction (prior logits, missing=1)."""
+        preds = pd.read_csv(paths.preds_csv(cfg, cfg["stages"]["fracture"]), dtype={UID: str})
+        labels = pd.read_csv(layout.labels_csv(paths.data_dir(cfg)), dtype={UID: str})
+        return study_logit_table(preds, train_priors(cfg), labels[UID])
+
+    @staticmethod
+    def oof_inputs(cfg) -> list[Path]:
+        return [paths.preds_csv(cfg, cfg["stages"]["fracture"])]
+
+    @staticmethod
+    def output_columns(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head's eight logits as probabilities (float64), named like the targets."""
+        probs = 1 / (1 + np.exp(-out["logits"].astype(np.float64)))
+        return dict(zip(TARGETS, probs.T, strict=True))
 
     def __len__(self) -> int:
         return len(self.table)

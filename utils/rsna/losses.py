@@ -1,4 +1,4 @@
-"""Loss registry: ``loss(outputs, batch) -> scalar tensor`` chosen by ``loss.name``."""
+"""RSNA 2022 losses, registered in ``utils.registry.LOSSES``: ``loss(outputs, batch) -> scalar tensor``."""
 
 from __future__ import annotations
 
@@ -6,17 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.metric import WEIGHTS
-from utils.registry import Registry
-
-LOSSES = Registry("loss")
+from utils.registry import LOSSES
+from utils.rsna.metric import WEIGHTS
 
 OVERALL_WEIGHTS = WEIGHTS["patient_overall"]  # (positive, negative) competition weights
 VERTEBRA_WEIGHTS = WEIGHTS["C1"]
-
-
-def build_loss(cfg) -> nn.Module:
-    return LOSSES.build(cfg["loss"]["name"], cfg["loss"]["params"])
 
 
 @LOSSES.register("box_ratio")

@@ -1,4 +1,4 @@
-"""RSNA 2022 segmentation NIfTI files <-> label volumes aligned with ``utils.dicom.Study.hu``.
+"""RSNA 2022 segmentation NIfTI files <-> label volumes aligned with ``utils.rsna.dicom.Study.hu``.
 
 The competition's ``segmentations/<uid>.nii`` arrays come out of nibabel as (x = DICOM column,
 y = DICOM row flipped, z = feet -> head). The rule shared by the top solutions,

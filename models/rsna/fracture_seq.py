@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import MODELS
 from models.encoder import create_encoder
+from utils.registry import MODELS
 
 
 class AttentionPool(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import MODELS
+from utils.registry import MODELS
 
 
 @MODELS.register("patient_head")

@@ -35,12 +35,6 @@ folder and moved onto ``--out`` only when complete; a non-empty ``--out`` needs 
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import logging
@@ -54,10 +48,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils.dicom import write_slice
 from utils.io import write_csv
-from utils.metric import VERTEBRAE
-from utils.nifti import save_rsna_seg
+from utils.rsna.dicom import write_slice
+from utils.rsna.metric import VERTEBRAE
+from utils.rsna.nifti import save_rsna_seg
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,13 @@ time, so stage 2 is trained on exactly the kind of input it will see.
 
 Usage::
 
-    python utils/stage2_labels.py --CFG config/stage2_fracture.yaml --split oof [key=value ...]
+    python -m utils.rsna.localize --CFG config/rsna/stage2_fracture.yaml [key=value ...]
 
-reads ``output/<upstream>/preds_<split>.csv`` and writes ``output/stage2_labels_<split>.csv``.
+reads the stage-1 OOF predictions (``output/rsna/<stages.vertebra>/preds_oof.csv``) and writes
+``output/rsna/stage2_labels_oof.csv``; the test-time chain calls :func:`localize` itself.
 """
 
 from __future__ import annotations
-
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import logging
@@ -27,8 +22,9 @@ import pandas as pd
 from utils import paths
 from utils.config import load_config
 from utils.io import write_csv
-from utils.metric import VERTEBRAE
-from utils.preprocess_data import BOX_COLS
+from utils.rsna import layout
+from utils.rsna.metric import UID, VERTEBRAE
+from utils.rsna.preprocess import BOX_COLS
 
 log = logging.getLogger(__name__)
 COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", *BOX_COLS]
@@ -149,21 +145,20 @@ def localize(
     return out[COLUMNS]
 
 
-def make_stage2_labels(cfg, split: str) -> pd.DataFrame:
-    """Localise the upstream stage's ``preds_<split>.csv`` and write ``stage2_labels_<split>.csv``."""
-    preds = pd.read_csv(paths.preds_csv(cfg, split, exp=cfg["upstream"]))
+def make_stage2_labels(cfg) -> pd.DataFrame:
+    """Localise the stage-1 OOF predictions and write ``stage2_labels_oof.csv``."""
+    preds = pd.read_csv(paths.preds_csv(cfg, cfg["stages"]["vertebra"]), dtype={UID: str})
     table = localize(preds, **cfg["localize"])
-    n_studies = preds["StudyInstanceUID"].nunique()
-    found = table.groupby("StudyInstanceUID").size()
+    n_studies = preds[UID].nunique()
+    found = table.groupby(UID).size()
     log.info(
-        "%s: %d studies, %d (study, vertebra) pairs found of %d; %d studies without any vertebra",
-        split,
+        "%d studies, %d (study, vertebra) pairs found of %d; %d studies without any vertebra",
         n_studies,
         len(table),
         7 * n_studies,
         n_studies - len(found),
     )
-    write_csv(table, paths.stage2_labels_csv(cfg, split))
+    write_csv(table, layout.stage2_labels_csv(cfg, "oof"))
     return table
 
 
@@ -171,16 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--CFG", required=True, help="stage-2 config (its `upstream` names stage 1)"
-    )
-    parser.add_argument("--split", default="oof", choices=["oof", "test"])
+    parser.add_argument("--CFG", required=True, help="an RSNA config (its localize.* keys apply)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(args.CFG, args.overrides)
-    make_stage2_labels(cfg, args.split)
-    print(f"wrote {paths.stage2_labels_csv(cfg, args.split)}")
+    make_stage2_labels(cfg)
+    print(f"wrote {layout.stage2_labels_csv(cfg, 'oof')}")
 
 
 if __name__ == "__main__":

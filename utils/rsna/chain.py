@@ -1,0 +1,293 @@
+"""RSNA 2022 chain and reports: what happens after a stage's OOF predictions, and at test time.
+
+- after the stage-1 OOF pass: localisation plots of a few segmented studies (``viz/``);
+- after the stage-2 or patient-head OOF pass: the CV report, which scores the whole pipeline
+  (stage 2 + the patient head when its OOF predictions are current, else noisy-OR) against the
+  constant-prior, noisy-OR and max baselines on the same studies;
+- the test-time chain on ``data_dir``: cache the test studies (in the run's own test folder,
+  never the training cache), stage-1 fold ensemble, localisation, stage-2 fold ensemble,
+  patient head -> submission rows in test.csv order, columns row_id,fractured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from utils import paths
+from utils.config import Config
+from utils.folds import load_folds
+from utils.io import write_csv, write_text
+from utils.plots import plot_calibration, plot_localisation
+from utils.predict import load_models, predict_frame, read_predictions, run_config
+from utils.rsna import layout
+from utils.rsna.datasets import VERTEBRAE, slice_table, study_logit_table, train_priors
+from utils.rsna.localize import localize
+from utils.rsna.metric import (
+    TARGETS,
+    UID,
+    noisy_or,
+    per_target_auc,
+    per_target_logloss,
+    score,
+    validate_submission,
+)
+from utils.rsna.preprocess import check_cache_settings, process_study
+
+log = logging.getLogger(__name__)
+CLIP = 1e-6  # submission probabilities are kept inside [CLIP, 1 - CLIP]
+
+
+def read_folds(cfg: Config) -> pd.DataFrame:
+    return load_folds(paths.folds_csv(cfg), UID)
+
+
+# ---- after the OOF passes -----------------------------------------------------------------------
+def after_oof(run: Config) -> str | None:
+    """The report for the stage whose OOF predictions were just written (see module docstring)."""
+    stages = run.stages
+    if run.exp_name == stages.vertebra:
+        draw_localisation(run, read_predictions(paths.preds_csv(run), UID))
+        return None
+    if run.exp_name in (stages.fracture, stages.head):
+        r = cv_report(run)
+        return (
+            f"OOF metric ({r['model']}): {r['oof_metric']:.4f} | constant-prior baseline: "
+            f"{r['baseline_prior']:.4f} | ratio {r['ratio_to_prior']:.2f} | noisy-OR "
+            f"{r['baseline_noisy_or']:.4f} | report: {paths.cv_report(run, 'md')}"
+        )
+    return None
+
+
+def draw_localisation(cfg: Config, preds: pd.DataFrame) -> None:
+    """Predicted ratio curves (truth dashed) and box for a few segmented studies."""
+    labels_path = layout.stage1_labels_csv(paths.prep_dir(cfg))
+    labels = (
+        pd.read_csv(labels_path)
+        if labels_path.is_file()
+        else pd.DataFrame(columns=["StudyInstanceUID"])
+    )
+    segmented = [u for u in labels["StudyInstanceUID"].unique() if u in set(preds.StudyInstanceUID)]
+    for uid in segmented[: cfg.infer.viz_studies]:
+        study = preds[preds.StudyInstanceUID == uid].merge(
+            labels.loc[labels.StudyInstanceUID == uid, ["slice", *VERTEBRAE]].rename(
+                columns={v: f"true_{v}" for v in VERTEBRAE}
+            ),
+            on="slice",
+            how="left",
+        )
+        vol = np.load(layout.volume_path(paths.prep_dir(cfg), uid), mmap_mode="r")
+        plot_localisation(vol, study, paths.viz_dir(cfg) / f"{uid}.png", title=f"{uid} (OOF)")
+
+
+def stage2_wide(
+    stage2: pd.DataFrame, uids: list[str], priors: dict[str, float], overall: str
+) -> pd.DataFrame:
+    """Stage-2 vertebra probabilities per study (prior where missing) + patient_overall by noisy-OR or max."""
+    table = study_logit_table(stage2, priors, uids)
+    probs = 1 / (1 + np.exp(-table[[f"logit_{v}" for v in VERTEBRAE]].to_numpy(np.float64)))
+    wide = pd.DataFrame(probs, columns=VERTEBRAE)
+    wide.insert(
+        0, "patient_overall", noisy_or(probs) if overall == "noisy_or" else probs.max(axis=1)
+    )
+    wide.insert(0, "StudyInstanceUID", table["StudyInstanceUID"].to_numpy())
+    return wide
+
+
+def head_predictions(cfg: Config, stage2_path) -> pd.DataFrame | None:
+    """The patient head's OOF predictions when they are newer than the stage-2 ones, else None."""
+    head = cfg.stages.head
+    if not head:
+        return None
+    path = paths.preds_csv(cfg, head)
+    if path.is_file() and path.stat().st_mtime > stage2_path.stat().st_mtime:
+        return read_predictions(path, UID)
+    log.warning(
+        "patient head '%s' has no OOF predictions newer than stage 2's: the CV report scores "
+        "stage 2 + noisy-OR (train the head and run its OOF pass for the full pipeline)",
+        head,
+    )
+    return None
+
+
+def cv_report(cfg: Config) -> dict:
+    """Score the OOF pipeline and the baselines on the same studies; write report, plot and OOF table."""
+    stage2_path = paths.preds_csv(cfg, cfg.stages.fracture)
+    stage2 = read_predictions(stage2_path, UID)
+    folds = read_folds(cfg)
+    labels = pd.read_csv(layout.labels_csv(paths.data_dir(cfg)), dtype={UID: str})
+    truth = labels[labels.StudyInstanceUID.isin(folds.StudyInstanceUID)].reset_index(drop=True)
+    uids = truth.StudyInstanceUID.tolist()
+    priors = train_priors(cfg)
+    write_text(json.dumps(priors, indent=2), layout.priors_json(cfg))
+    preds = {
+        "noisy_or": stage2_wide(stage2, uids, priors, "noisy_or"),
+        "max": stage2_wide(stage2, uids, priors, "max"),
+    }
+    preds["prior"] = pd.DataFrame({"StudyInstanceUID": uids, **{t: priors[t] for t in TARGETS}})
+    model = "stage 2 + noisy-OR"
+    head = head_predictions(cfg, stage2_path)
+    if head is not None:
+        preds["head"] = head[[UID, *TARGETS]]
+        model = "stage 2 + patient head"
+    final = preds.get("head", preds["noisy_or"])
+    final = final.set_index("StudyInstanceUID").loc[uids].reset_index()
+    report = {
+        "model": model,
+        "oof_metric": score(final, truth),
+        "oof_metric_global": score(final, truth, per_study=False),
+        "baseline_prior": score(preds["prior"], truth),
+        "baseline_noisy_or": score(preds["noisy_or"], truth),
+        "baseline_max": score(preds["max"], truth),
+        "per_target_logloss": per_target_logloss(final, truth),
+        "per_target_auc": per_target_auc(final, truth),
+        "n_studies": len(uids),
+        "n_vertebrae_missing": int(7 * len(uids) - stage2.StudyInstanceUID.isin(uids).sum()),
+    }
+    report["ratio_to_prior"] = report["oof_metric"] / report["baseline_prior"]
+    write_csv(final, paths.oof_csv(cfg))
+    write_text(json.dumps(report, indent=2), paths.cv_report(cfg, "json"))
+    write_text(report_markdown(report), paths.cv_report(cfg, "md"))
+    y = truth[TARGETS].to_numpy().ravel()
+    p = final[TARGETS].to_numpy().ravel()
+    plot_calibration(
+        y, p, paths.calibration_png(cfg), title=f"OOF calibration ({model}, all targets)"
+    )
+    return report
+
+
+def report_markdown(r: dict) -> str:
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"  # noqa: E731
+    lines = [
+        "# Cross-validation report (out of fold)",
+        "",
+        f"Pipeline: **{r['model']}** on {r['n_studies']} studies ({r['n_vertebrae_missing']} vertebrae without stage-1 slices got the prior).",
+        "",
+        "| predictor | competition metric (per study) |",
+        "|---|---|",
+        f"| **{r['model']}** | **{fmt(r['oof_metric'])}** (global {fmt(r['oof_metric_global'])}) |",
+        f"| stage 2 + noisy-OR | {fmt(r['baseline_noisy_or'])} |",
+        f"| stage 2 + max | {fmt(r['baseline_max'])} |",
+        f"| constant train prior | {fmt(r['baseline_prior'])} |",
+        "",
+        f"Ratio to the constant-prior baseline: {fmt(r['ratio_to_prior'])}.",
+        "",
+        "| target | log loss | AUC |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {t} | {fmt(r['per_target_logloss'][t])} | {fmt(r['per_target_auc'][t])} |"
+        for t in TARGETS
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- test ---------------------------------------------------------------------------------------
+def read_test_rows(data: Path) -> pd.DataFrame:
+    """test.csv rows (row_id, StudyInstanceUID, prediction_type), read by column name.
+
+    The public test.csv is a placeholder naming studies that are not in test_images: then the
+    studies actually present are predicted, 8 rows each (as Kaggle's hidden run would list them).
+    """
+    test = pd.read_csv(layout.test_csv(data))
+    need = {"row_id", "StudyInstanceUID", "prediction_type"}
+    if not need <= set(test.columns):
+        raise SystemExit(
+            f"error: {layout.test_csv(data)} lacks columns {sorted(need - set(test.columns))}"
+        )
+    root = layout.images_dir(data, "test")
+    available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if available and not set(test.StudyInstanceUID) & set(available):
+        log.warning(
+            "test.csv names none of the %d studies in %s (public placeholder): predicting those",
+            len(available),
+            root,
+        )
+        test = pd.DataFrame(
+            [(f"{u}_{t}", u, t) for u in available for t in TARGETS],
+            columns=["row_id", "StudyInstanceUID", "prediction_type"],
+        )
+    absent = sorted(set(test.StudyInstanceUID) - set(available))
+    if absent:
+        log.warning(
+            "%d test studies have no images in %s: they get the train priors", len(absent), root
+        )
+    return test[["row_id", "StudyInstanceUID", "prediction_type"]]
+
+
+def ensure_cached(s1: Config, uids: list[str], prep: Path) -> None:
+    """Read and cache the test studies not yet in ``prep`` (same settings as the training cache)."""
+    data = paths.data_dir(s1)
+    check_cache_settings(prep, int(s1.cache.size), tuple(s1.cache.window))
+    for uid in uids:
+        if not layout.volume_path(prep, uid).is_file():
+            process_study(
+                layout.study_dir(data, "test", uid),
+                "test",
+                prep,
+                int(s1.cache.size),
+                tuple(s1.cache.window),
+            )
+
+
+def predict_stage1(s1: Config, uids: list[str], prep: Path) -> pd.DataFrame:
+    """Per-slice box and C1..C7 ratios (fold-ensemble mean) for the cached studies ``uids``."""
+    n = [np.load(layout.volume_path(prep, u), mmap_mode="r").shape[0] for u in uids]
+    table = slice_table(pd.DataFrame({UID: uids, "n_slices": n}, columns=[UID, "n_slices"]))
+    return predict_frame(s1, load_models(s1).values(), table, prep=prep)
+
+
+def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
+    """The whole test-time chain on ``cfg.data_dir`` -> ``out`` (intermediates in its test folder)."""
+    stages = cfg.stages
+    s1, s2 = run_config(cfg, stages.vertebra), run_config(cfg, stages.fracture)
+    rows = read_test_rows(paths.data_dir(cfg))
+    root = layout.images_dir(paths.data_dir(cfg), "test")
+    uids = [u for u in rows.StudyInstanceUID.unique() if (root / u).is_dir()]
+    prep = layout.test_prep_dir(cfg)
+    ensure_cached(s1, uids, prep)
+    p1 = predict_stage1(s1, uids, prep)
+    write_csv(p1, paths.test_preds_csv(cfg, s1.exp_name))
+    loc = localize(p1, **s2.localize)
+    write_csv(loc, layout.stage2_labels_csv(cfg, "test"))
+    p2 = predict_frame(s2, load_models(s2).values(), loc, prep=prep)
+    if p2.empty:  # no study with a located vertebra: every row takes the prior below
+        p2 = p2.assign(logit=pd.Series(dtype=np.float32))
+    write_csv(p2, paths.test_preds_csv(cfg, s2.exp_name))
+    priors = train_priors(cfg)
+    if stages.head:
+        head = run_config(cfg, stages.head)
+        table = study_logit_table(p2, priors, uids)
+        wide = predict_frame(head, load_models(head).values(), table)
+    else:
+        log.warning("no patient head (stages.head=null): patient_overall by noisy-OR")
+        wide = stage2_wide(p2, uids, priors, "noisy_or")
+    return write_submission(rows, wide, priors, out)
+
+
+def write_submission(
+    rows: pd.DataFrame, wide: pd.DataFrame, priors: dict[str, float], out: Path
+) -> pd.DataFrame:
+    """Look up each row's probability; anything missing takes its target's train prior; clip; validate; write."""
+    long = wide.melt(
+        "StudyInstanceUID", TARGETS, var_name="prediction_type", value_name="fractured"
+    )
+    sub = rows.merge(long, on=["StudyInstanceUID", "prediction_type"], how="left", validate="1:1")
+    unknown = sorted(set(sub.prediction_type) - set(TARGETS))
+    if unknown:
+        raise SystemExit(f"error: test.csv has unknown prediction_type values {unknown}")
+    n_fill = int(sub.fractured.isna().sum())
+    sub["fractured"] = sub.fractured.fillna(sub.prediction_type.map(priors)).clip(CLIP, 1 - CLIP)
+    if n_fill:
+        log.warning("%d of %d rows had no prediction and got the train prior", n_fill, len(sub))
+    sub = sub[["row_id", "fractured"]]
+    validate_submission(sub, rows[["row_id"]].assign(fractured=0.0))
+    write_csv(sub, out)
+    log.info(
+        "submission: %d rows for %d studies -> %s", len(sub), rows.StudyInstanceUID.nunique(), out
+    )
+    return sub

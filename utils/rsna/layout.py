@@ -1,0 +1,84 @@
+"""RSNA 2022 paths: the Kaggle competition layout and the RSNA-only products (built on utils/paths.py).
+
+Data (``cfg.data_dir``)::
+
+    train.csv  test.csv  sample_submission.csv  train_bounding_boxes.csv
+    train_images/<uid>/<n>.dcm  test_images/<uid>/<n>.dcm  segmentations/<uid>.nii
+
+Products::
+
+    <prep>/studies.csv  <prep>/stage1_labels.csv  <prep>/volumes/<uid>.npy   utils/preprocess_data.py
+    <output_dir>/rsna/stage2_labels_oof.csv                                  stage-1 OOF -> stage 2
+    <test dir>/prep/volumes/<uid>.npy  <test dir>/stage2_labels_test.csv      test-time chain
+
+``<prep>`` is ``<output_dir>/rsna/prep`` for the training data; a test-time run caches its
+studies in its own test folder (utils/paths.test_dir).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils import paths
+from utils.paths import Cfg
+
+
+# ---- competition data ---------------------------------------------------------------------------
+def labels_csv(data: Path) -> Path:
+    """train.csv: StudyInstanceUID + patient_overall, C1..C7."""
+    return Path(data) / "train.csv"
+
+
+def test_csv(data: Path) -> Path:
+    return Path(data) / "test.csv"
+
+
+def images_dir(data: Path, split: str) -> Path:
+    """``train_images`` or ``test_images``; split is ``train`` or ``test``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return Path(data) / f"{split}_images"
+
+
+def study_dir(data: Path, split: str, uid: str) -> Path:
+    return images_dir(data, split) / uid
+
+
+def segmentation_path(data: Path, uid: str) -> Path:
+    return Path(data) / "segmentations" / f"{uid}.nii"
+
+
+# ---- preprocessing products ---------------------------------------------------------------------
+def studies_csv(prep: Path) -> Path:
+    """One row per study: geometry, transfer syntaxes, reversed flag, skipped slices."""
+    return Path(prep) / "studies.csv"
+
+
+def stage1_labels_csv(prep: Path) -> Path:
+    """One row per slice of a segmented study: C1..C7 ratios and the normalised C1-C7 box."""
+    return Path(prep) / "stage1_labels.csv"
+
+
+def volume_path(prep: Path, uid: str) -> Path:
+    """Windowed uint8 volume (Z, S, S), head -> feet, memory-mappable."""
+    return Path(prep) / "volumes" / f"{uid}.npy"
+
+
+def test_prep_dir(cfg: Cfg) -> Path:
+    """The volume cache of a test-time run (never the training cache)."""
+    return paths.test_dir(cfg) / "prep"
+
+
+# ---- localisation -------------------------------------------------------------------------------
+def stage2_labels_csv(cfg: Cfg, split: str) -> Path:
+    """Per (study, vertebra): slice range and crop box derived from stage-1 predictions."""
+    if split == "oof":
+        return paths.pipeline_dir(cfg) / "stage2_labels_oof.csv"
+    if split == "test":
+        return paths.test_dir(cfg) / "stage2_labels_test.csv"
+    raise ValueError(f"split must be 'oof' or 'test', got {split!r}")
+
+
+def priors_json(cfg: Cfg) -> Path:
+    """Train-label prevalences saved by the CV report, for test folders without train.csv."""
+    return paths.pipeline_dir(cfg) / "train_priors.json"
