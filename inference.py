@@ -50,7 +50,9 @@ def oof_predictions(run: Config, id_col: str) -> Path:
     with make_writer(run, out, table) as writer:
         for k in sorted(models):
             predict_to(writer, run, [models[k]], table[table["fold"] == k])
-    log.info("%s OOF: %d rows of %d cases -> %s", run.exp_name, len(table), table[id_col].nunique(), out)
+    log.info(
+        "%s OOF: %d rows of %d cases -> %s", run.exp_name, len(table), table[id_col].nunique(), out
+    )
     return out
 
 
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--CFG", required=True, help="stage config whose trained runs predict")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: the config's data_dir)")
+    parser.add_argument(
+        "--data-dir", default=None, help="data folder (default: the config's data_dir)"
+    )
     parser.add_argument("--split", default="oof", choices=["oof", "test"])
     parser.add_argument("--out", type=Path, default=None, help="output file of --split test")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")

@@ -49,12 +49,12 @@ import pandas as pd
 import torch
 
 import inference
-from utils.registry import build_model
 from train import build_optimizer
 from utils import paths
 from utils.checkpoint import save_checkpoint
 from utils.config import Config, load_config, save_config
 from utils.io import write_csv
+from utils.registry import build_model
 from utils.rsna import layout
 from utils.rsna.metric import TARGETS
 from utils.rsna.synthetic import PRESETS, plan_dataset, write_study

@@ -46,14 +46,13 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
-from utils.registry import build_model
 from train import build_optimizer, train_one_epoch
 from utils import paths
 from utils.config import Config, load_config
 from utils.engine import make_loader, needs_scaler, prepare_model, resolve_device
 from utils.io import write_csv
+from utils.registry import DATASETS, build_dataset, build_loss, build_model
 from utils.rsna import layout
-from utils.registry import DATASETS, build_dataset, build_loss
 from utils.rsna.datasets import VertebraSequences
 from utils.rsna.dicom import TRANSFER_SYNTAXES
 from utils.rsna.localize import make_stage2_labels

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from utils.registry import build_model
 from train import build_optimizer, train_one_epoch
 from utils.config import Config, load_config
 from utils.engine import needs_scaler, prepare_model, resolve_device
+from utils.registry import build_loss, build_model
 from utils.seed import seed_everything
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

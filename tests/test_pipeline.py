@@ -14,12 +14,11 @@ from conftest import tiny_overrides
 import inference
 import train
 from utils import paths
-from utils.rsna import layout
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.rsna.metric import validate_submission
-from utils.rsna import chain
+from utils.rsna import chain, layout
 from utils.rsna.localize import main as stage2_labels_main
+from utils.rsna.metric import validate_submission
 
 # Tiny models learn little in one epoch: accept (nearly) every slice as a vertebra so stage 2 has input.
 LOCALIZE = ["localize.vert_thresh=0.001"]
@@ -103,7 +102,9 @@ def test_stage2_and_cv_report(head, tiny_output):
     assert report["model"] == "stage 2 + patient head"
     assert report["n_studies"] == len(pd.read_csv(tiny_output / "rsna" / "folds.csv"))
     assert np.isfinite(report["oof_metric"]) and 0 < report["baseline_prior"] < 1
-    assert (tiny_output / "rsna" / "cv_report.md").read_text().startswith("# Cross-validation report")
+    assert (
+        (tiny_output / "rsna" / "cv_report.md").read_text().startswith("# Cross-validation report")
+    )
     assert (tiny_output / "rsna" / "cv_calibration.png").is_file()
     oof = pd.read_csv(tiny_output / "rsna" / "oof_predictions.csv")
     assert oof[["patient_overall", "C1"]].notna().all().all()
@@ -139,7 +140,9 @@ def _state(path):
 
 def test_resume_equals_straight_run(tiny_data, tiny_output):
     base = [*tiny_overrides(tiny_data, tiny_output), "train.epochs=2", "dataset.params.aug=1.0"]
-    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=straight"])
+    train.main(
+        ["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=straight"]
+    )
     train.main(
         [
             "--CFG",
@@ -153,7 +156,9 @@ def test_resume_equals_straight_run(tiny_data, tiny_output):
     )
     cfg = load_config("config/rsna/stage1_vertebra.yaml", [*base, "exp_name=resumed"])
     assert load_checkpoint(paths.checkpoint_path(cfg, 0, "last"))["epoch"] == 0
-    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=resumed"])
+    train.main(
+        ["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "exp_name=resumed"]
+    )
     a = _state(paths.checkpoint_path(cfg, 0, "last", exp="straight"))
     b = _state(paths.checkpoint_path(cfg, 0, "last"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -167,7 +172,9 @@ def test_resume_refuses_a_changed_config_and_skips_finished_folds(tiny_data, tin
     base = [*tiny_overrides(tiny_data, tiny_output), "train.epochs=1", "exp_name=guarded"]
     train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base])
     with pytest.raises(SystemExit, match=r"different config \(train.lr\)"):
-        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "train.lr=0.1"])
+        train.main(
+            ["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base, "train.lr=0.1"]
+        )
     train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--fold", "0", *base])
     assert "already trained" in caplog.text
     with pytest.raises(SystemExit, match="--fold must be"):

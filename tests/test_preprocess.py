@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils import paths
 from utils.rsna import layout
 from utils.rsna.preprocess import clean_labels, main, stage1_labels
 

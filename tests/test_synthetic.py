@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from utils.rsna.dicom import TRANSFER_SYNTAXES, Study, load_study
+from utils.rsna.nifti import load_rsna_seg
 from utils.rsna.synthetic import (
     FRACTURED_COUNT,
     PRESETS,
@@ -21,7 +22,6 @@ from utils.rsna.synthetic import (
     make_geometry,
     plan_dataset,
 )
-from utils.rsna.nifti import load_rsna_seg
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_COLS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]

@@ -38,9 +38,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--CFG", required=True, help="a config of the pipeline, e.g. config/rsna/base.yaml")
+    parser.add_argument(
+        "--CFG", required=True, help="a config of the pipeline, e.g. config/rsna/base.yaml"
+    )
     parser.add_argument("--data-dir", help="the data set's folder (default: the config's data_dir)")
-    parser.add_argument("--out", type=Path, help="fold file (default: <output_dir>/<pipeline>/folds.csv)")
+    parser.add_argument(
+        "--out", type=Path, help="fold file (default: <output_dir>/<pipeline>/folds.csv)"
+    )
     parser.add_argument("--force", action="store_true", help="replace a different fold file")
     parser.add_argument("--nnunet-splits", help="also write nnU-Net's splits_final.json here")
     parser.add_argument(

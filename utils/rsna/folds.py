@@ -106,4 +106,6 @@ def fold_inputs(cfg) -> FoldInputs:
         raise FileNotFoundError(f"{path} not found: data_dir must be the competition folder")
     train = pd.read_csv(path, dtype={UID: str})
     _validate_train(train, int(cfg["n_folds"]))
-    return FoldInputs(train, strata=label_strata(train, int(cfg["n_folds"])), summary=tuple(TARGETS))
+    return FoldInputs(
+        train, strata=label_strata(train, int(cfg["n_folds"])), summary=tuple(TARGETS)
+    )

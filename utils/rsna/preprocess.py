@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="competition folder")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: <output_dir>/rsna/prep")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="default: <output_dir>/rsna/prep"
+    )
     parser.add_argument("--workers", type=int, default=1, help="parallel studies (processes)")
     parser.add_argument(
         "overrides", nargs="*", help="config/rsna/base.yaml overrides, e.g. cache.size=256"
