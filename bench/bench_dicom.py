@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_dicom.py [--slices 300] [--size 512] [--repeat 3]
+    python -m bench.bench_dicom [--slices 300] [--size 512] [--repeat 3]
 
 Writes the JPEG Lossless SV1 CT series of the ``bench`` preset of ``utils.rsna.synthetic`` (its
 phantom neck CT, resized by ``--slices`` / ``--size``) into a temporary folder, reads it once to
@@ -106,7 +106,7 @@ def main() -> None:
     n = len(files)
     seed_wall, _, seed_hu = timings["seed (pydicom per slice)"]
     print(
-        f"series: make_synthetic bench, {n} slices {header.Rows}x{header.Columns}, "
+        f"series: utils.rsna.synthetic bench, {n} slices {header.Rows}x{header.Columns}, "
         f"{header.file_meta.TransferSyntaxUID.name}; median of {args.repeat}"
     )
     print(

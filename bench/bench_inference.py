@@ -1,8 +1,8 @@
-"""Benchmark: end-to-end test-time inference (``inference.test_chain``) per 300-slice CT study.
+"""Benchmark: end-to-end test-time inference (``utils.rsna.chain.test_chain``) per 300-slice CT study.
 
 Usage::
 
-    python bench/bench_inference.py [--slices 300] [--size 512] [--repeat 3] [--warmup 1]
+    python -m bench.bench_inference [--slices 300] [--size 512] [--repeat 3] [--warmup 1]
         [--threads 2] [--quick]
 
 Writes the ``bench`` study of ``utils.rsna.synthetic`` (seed 0: 300 slices of 512 x 512, JPEG
@@ -10,8 +10,9 @@ Lossless SV1) as a TEST study, with a matching 8-row ``test.csv`` and a one-row 
 (train priors; no vertebra is left without a prediction here, so their values do not matter),
 into a temporary folder. For each recipe it saves one fold of every stage (stage 1, stage 2,
 patient head) with random-init weights in the exact checkpoint format of train.py (timing does
-not depend on the weights), then times ``inference.test_chain``, the whole ``--split test``
-path: DICOM read + uint8 cache, stage 1 on every slice, localisation, stage 2 on each vertebra,
+not depend on the weights), then times ``utils.rsna.chain.test_chain``, the whole
+``inference.py --split test`` path: DICOM read + uint8 cache (in the run's test folder,
+``layout.test_prep_dir``), stage 1 on every slice, localisation, stage 2 on each vertebra,
 patient head, submission.csv.
 
 Recipes: ``demo`` (profile demo: resnet18, cache 160 px, stage 1 at 128 px, stage 2 80 px x 8)
@@ -22,8 +23,11 @@ sequences); the ordered decoding may drop vertebrae at threshold 0. Both run wit
 ``num_workers=0`` (the full profile's 2 loader workers deadlock after in-process caching; see
 ``RUNTIME``).
 
-Per step (the functions test_chain calls, timed in place): read + cache, loading the fold
-models, stage 1, localisation, stage 2, patient head, and the rest (CSV writes, configs).
+Per step (the functions of ``utils.rsna.chain`` that test_chain calls, timed in place, each
+call's time net of the timed calls inside it): read + cache (``ensure_cached``), loading the
+fold models (``load_models``, also the one inside ``predict_stage1``), stage 1
+(``predict_stage1``), localisation (``localize``), stage 2 and patient head (``predict_frame``
+with the stage-2 / head config), and the rest (CSV writes, configs).
 The cached volume is deleted before every run so each one reads the DICOM files again. Medians
 of ``--repeat`` runs after ``--warmup`` untimed runs (the full recipe runs once after its
 warm-up). ``--quick``: a 40-slice 128 x 128 study, one timed run, and the full recipe at
@@ -48,30 +52,34 @@ from types import ModuleType
 import pandas as pd
 import torch
 
-import inference
 from train import build_optimizer
 from utils import paths
 from utils.checkpoint import save_checkpoint
 from utils.config import Config, load_config, save_config
 from utils.io import write_csv
 from utils.registry import build_model
-from utils.rsna import layout
+from utils.rsna import chain, layout
 from utils.rsna.metric import TARGETS
 from utils.rsna.synthetic import PRESETS, plan_dataset, write_study
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "rsna"
 STAGES = ("stage1_vertebra.yaml", "stage2_fracture.yaml", "patient_head.yaml")
-# The functions of the inference module that test_chain calls, in order, as reported.
-STEPS = {
+# The functions of utils.rsna.chain that test_chain calls, timed in place, and the step each
+# call is reported as: a name, or None for predict_frame, whose step is the stage of the config
+# it is called with (stage 1 inside predict_stage1, then stage 2, then the patient head).
+STEPS: dict[str, str | None] = {
     "ensure_cached": "read+cache",
     "load_models": "models",
     "predict_stage1": "stage 1",
     "localize": "localize",
-    "predict_stage2": "stage 2",
-    "predict_head": "head",
+    "predict_frame": None,
 }
+# Report columns, in chain order; then "other" and "total".
+STEP_NAMES = ("read+cache", "models", "stage 1", "localize", "stage 2", "head")
+# stages.<key> -> the step its predict_frame call is reported as.
+STAGE_STEPS = {"vertebra": "stage 1", "fracture": "stage 2", "head": "head"}
 # --quick shrinks the full recipe per stage (the patient head has no image params).
 QUICK_FULL = {
     "stage1_vertebra.yaml": ("cache.size=64", "dataset.params.image_size=64"),
@@ -141,20 +149,40 @@ def save_untrained_fold(cfg: Config, fold: int = 0) -> Path:
     return save_checkpoint(state, paths.checkpoint_path(cfg, fold, "best"))
 
 
+def stage_step(cfg: Config) -> str:
+    """The step a ``predict_frame(cfg, ...)`` call belongs to: the chain stage ``cfg`` runs."""
+    for key, exp in cfg.stages.items():
+        if exp and exp == cfg.exp_name:
+            return STAGE_STEPS[key]
+    raise ValueError(f"'{cfg.exp_name}' is not a stage of the chain {dict(cfg.stages)}")
+
+
 @contextlib.contextmanager
-def timed_calls(module: ModuleType, names: list[str]) -> Iterator[dict[str, float]]:
-    """Replace ``module.<name>`` by a wrapper adding its wall seconds to the yielded dict."""
-    seconds = dict.fromkeys(names, 0.0)
-    originals = {name: getattr(module, name) for name in names}
+def timed_calls(module: ModuleType, steps: dict[str, str | None]) -> Iterator[dict[str, float]]:
+    """Replace ``module.<name>`` by a wrapper adding its wall seconds to the yielded dict, under
+    ``steps[name]`` (None: the step of its config argument, see :func:`stage_step`).
+
+    Exclusive times: a timed call made inside another one (``load_models`` and ``predict_frame``
+    inside ``predict_stage1``) counts for its own step only, so the steps add up to the time
+    spent in the timed functions.
+    """
+    seconds = dict.fromkeys(STEP_NAMES, 0.0)
+    originals = {name: getattr(module, name) for name in steps}
+    inner: list[float] = []  # per active timed call: seconds spent in timed calls inside it
 
     def wrap(name: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            step = steps[name] or stage_step(args[0])
+            inner.append(0.0)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                seconds[name] += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                seconds[step] += elapsed - inner.pop()
+                if inner:
+                    inner[-1] += elapsed
 
         return timed
 
@@ -170,15 +198,15 @@ def timed_calls(module: ModuleType, names: list[str]) -> Iterator[dict[str, floa
 def run_chain(s2: Config, uid: str) -> tuple[dict[str, float], int]:
     """One uncached ``test_chain`` run: seconds per step (+ ``other``, ``total``) and the number
     of vertebra sequences stage 2 predicted."""
-    layout.volume_path(paths.prep_dir(s2), uid).unlink(missing_ok=True)
+    layout.volume_path(layout.test_prep_dir(s2), uid).unlink(missing_ok=True)
     out = paths.submission_csv(s2)
-    with timed_calls(inference, list(STEPS)) as seconds:
+    with timed_calls(chain, STEPS) as seconds:
         start = time.perf_counter()
-        sub = inference.test_chain(s2, out)
+        sub = chain.test_chain(s2, out)
         total = time.perf_counter() - start
     if len(sub) != len(TARGETS) or sub.fractured.isna().any():
         raise RuntimeError(f"{out}: expected {len(TARGETS)} complete rows, got {len(sub)}")
-    steps = {STEPS[name]: s for name, s in seconds.items()}
+    steps = dict(seconds)
     steps["other"] = total - sum(seconds.values())
     steps["total"] = total
     n_seq = len(pd.read_csv(layout.stage2_labels_csv(s2, "test")))
@@ -212,12 +240,19 @@ def time_recipe(
     return RecipeResult(s1, s2, seconds, sequences)
 
 
+def backbone(cfg: Config) -> str:
+    """The model's timm backbone: ``model.params.encoder.backbone`` (or, in configs from before
+    the encoder spec, ``model.params.backbone``)."""
+    params = cfg.model.params
+    return str((params["encoder"] if "encoder" in params else params)["backbone"])
+
+
 def describe(s1: Config, s2: Config) -> str:
     """``cache C px; stage 1 backbone S px; stage 2 backbone S px x L``."""
     p1, p2 = s1.dataset.params, s2.dataset.params
     return (
-        f"cache {s1.cache.size}px; stage 1 {s1.model.params.backbone} {p1.image_size}px; "
-        f"stage 2 {s2.model.params.backbone} {p2.image_size}px x {p2.seq_len}"
+        f"cache {s1.cache.size}px; stage 1 {backbone(s1)} {p1.image_size}px; "
+        f"stage 2 {backbone(s2)} {p2.image_size}px x {p2.seq_len}"
     )
 
 
@@ -247,7 +282,7 @@ def main() -> None:
             results[recipe] = time_recipe(recipe, data, out, uid, runs, args.warmup, args.quick)
 
     print(
-        f"study: make_synthetic bench, {n_slices} slices {size}x{size} JPEG Lossless SV1 "
+        f"study: utils.rsna.synthetic bench, {n_slices} slices {size}x{size} JPEG Lossless SV1 "
         f"(written in {written:.0f} s); torch {args.threads} threads; demo median of "
         f"{repeat}, full 1 run, after {args.warmup} warm-up; "
         f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}"

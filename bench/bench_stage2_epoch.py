@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_stage2_epoch.py [--studies 6] [--size 512] [--syntax S] [--workers N]
+    python -m bench.bench_stage2_epoch [--studies 6] [--size 512] [--syntax S] [--workers N]
         [--repeat 3] [--model] [--threads 2] [--quick]
 
 Data: ``--studies`` train studies of the ``demo`` preset of ``utils.rsna.synthetic`` (seed 0,
@@ -61,7 +61,7 @@ from utils.rsna.synthetic import LABEL_COLS, PRESETS, plan_dataset, write_study
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parents[1] / "config" / "stage2_fracture.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "rsna" / "stage2_fracture.yaml"
 QUICK_FULL = ("cache.size=64", "dataset.params.image_size=64", "dataset.params.seq_len=4")
 
 
@@ -95,15 +95,15 @@ def stage2_table(cfg: Config) -> pd.DataFrame:
     """Cache the studies and build the stage-2 training table of ``cfg``.
 
     The segmentation-derived per-slice ratios and boxes (``prep/stage1_labels.csv``) are written
-    as the upstream stage's OOF predictions, then localised exactly as for training.
+    as the stage-1 (``stages.vertebra``) OOF predictions, then localised exactly as for training.
     """
     prep = paths.prep_dir(cfg)
     # workers=2 caches in spawned processes: OpenCV run here would make the forked loader
     # workers of the full recipe hang (see main).
     preprocess(paths.data_dir(cfg), prep, cfg, workers=2)
     truth = pd.read_csv(layout.stage1_labels_csv(prep))
-    write_csv(truth, paths.preds_csv(cfg, "oof", exp=cfg.upstream))
-    make_stage2_labels(cfg, "oof")
+    write_csv(truth, paths.preds_csv(cfg, cfg.stages.vertebra))
+    make_stage2_labels(cfg)
     return DATASETS.get(cfg.dataset.name).load_table(cfg)
 
 
@@ -116,33 +116,37 @@ def seed_read(path: Path) -> np.ndarray:
     return ((img - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
 
 
-def head_first_files(study_dir: Path) -> list[Path]:
-    """The study's files ordered head -> feet by ImagePositionPatient z, as the cache is."""
-    z = {
-        p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
-        for p in study_dir.glob("*.dcm")
-    }
-    return sorted(z, key=lambda p: -z[p])
+def head_first_files(study_dir: Path) -> tuple[list[Path], tuple[int, int]]:
+    """The study's files ordered head -> feet by ImagePositionPatient z, as the cache is, and
+    the (rows, columns) of its slices."""
+    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in study_dir.glob("*.dcm")}
+    files = sorted(headers, key=lambda p: -float(headers[p].ImagePositionPatient[2]))
+    first = headers[files[0]]
+    return files, (int(first.Rows), int(first.Columns))
 
 
 class DicomSlices:
-    """Stands in for a cached volume: ``vol[idx]`` -> (len(idx), H, W) uint8 read from DICOM.
+    """Stands in for a cached volume: ``vol[idx, rows, cols]`` -> (len(idx), h, w) uint8 read
+    from DICOM, ``shape`` (Z, H, W) at full resolution.
 
-    Each slice is decoded on first use and kept for the life of this object (one sample).
+    Each slice is decoded whole (and min-max scaled) on first use and kept for the life of this
+    object (one sample); the region is cropped from the decoded full-resolution slices.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], size: tuple[int, int]):
         self.files = files
+        self.shape = (len(files), *size)
         self.decoded: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+    def __getitem__(self, key) -> np.ndarray:
+        idx, *region = key if isinstance(key, tuple) else (key,)
         for k in map(int, idx):
             if k not in self.decoded:
                 self.decoded[k] = seed_read(self.files[k])
-        return np.stack([self.decoded[int(k)] for k in idx])
+        return np.stack([self.decoded[int(k)] for k in idx])[(slice(None), *region)]
 
 
 class SeedStyleSequences(VertebraSequences):
@@ -150,8 +154,8 @@ class SeedStyleSequences(VertebraSequences):
 
     Every ``__getitem__`` decodes the slices its sequence needs with pydicom (per-slice min-max
     to uint8) and crops/resizes them from full resolution; sampling, crops, augmentation and
-    tensors are ours, so only the data source differs. The file order of each study is
-    indexed once here (the seed stored slice lists in its table).
+    tensors are ours, so only the data source differs. The file order (and slice size) of each
+    study is indexed once here (the seed stored slice lists in its table).
     """
 
     def __init__(self, table: pd.DataFrame, cfg: Config, train: bool, **params):
@@ -163,7 +167,7 @@ class SeedStyleSequences(VertebraSequences):
         }
 
     def volume(self, uid: str) -> DicomSlices:
-        return DicomSlices(self.files[uid])
+        return DicomSlices(*self.files[uid])
 
 
 # ---- timing -----------------------------------------------------------------------------------

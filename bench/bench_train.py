@@ -2,9 +2,9 @@
 
 Usage::
 
-    python bench/bench_train.py [--steps 3] [--threads 2] [--quick]
+    python -m bench.bench_train [--steps 3] [--threads 2] [--quick]
 
-Four cases, each model built exactly as train.py builds it (``models.build_model`` on a config
+Four cases, each model built exactly as train.py builds it (``utils.registry.build_model`` on a config
 resolved by ``utils.config.load_config``, ``utils.engine.prepare_model``, the loss of the config,
 train.py's ``build_optimizer`` and ``train_one_epoch``: autocast, backward, grad clipping, AdamW
 and scheduler step):
@@ -17,7 +17,7 @@ and scheduler step):
 Each case runs twice at the same batch size: ``train.amp=false train.channels_last=false`` (fp32)
 and the configs' default ``amp=true channels_last=true`` (bf16 autocast on CPU). Inputs are one
 random batch of the dataset's shapes and dtypes, reused every step (the data path is measured
-by bench_stage2_epoch.py). After one warm-up step per variant, ``--steps`` steps are timed one by
+by ``bench.bench_stage2_epoch``). After one warm-up step per variant, ``--steps`` steps are timed one by
 one, alternating the variants so load from other processes hits both alike; the tables give
 medians. ``--quick`` shrinks every case (32 px, 2 slices, batch 2, 1 step) as a smoke test.
 """
@@ -41,7 +41,7 @@ from utils.engine import needs_scaler, prepare_model, resolve_device
 from utils.registry import build_loss, build_model
 from utils.seed import seed_everything
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "rsna"
 VARIANTS = {
     "fp32": ["train.amp=false", "train.channels_last=false"],
     "bf16+CL": ["train.amp=true", "train.channels_last=true"],
@@ -158,12 +158,19 @@ def time_case(case: Case, steps: int, quick: bool) -> tuple[Config, dict[str, fl
     return configs["fp32"], {v: statistics.median(t) for v, t in times.items()}
 
 
+def backbone(cfg: Config) -> str:
+    """The model's timm backbone: ``model.params.encoder.backbone`` (or, in configs from before
+    the encoder spec, ``model.params.backbone``)."""
+    params = cfg.model.params
+    return str((params["encoder"] if "encoder" in params else params)["backbone"])
+
+
 def describe(cfg: Config) -> str:
     """``backbone size px [x S slices] x C ch, batch B``."""
     p = cfg.dataset.params
     seq = f" x {p.seq_len} sl" if "seq_len" in p else ""
     return (
-        f"{cfg.model.params.backbone} {p.image_size}px{seq} x {p.in_chans}ch, "
+        f"{backbone(cfg)} {p.image_size}px{seq} x {p.in_chans}ch, "
         f"batch {cfg.train.batch_size}"
     )
 

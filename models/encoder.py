@@ -1,29 +1,52 @@
-"""timm image encoders shared by the stage models (offline-safe)."""
+"""timm image encoders shared by the models of every pipeline (offline-safe), from one spec."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import timm
 from torch import nn
 
 
-def create_encoder(
-    backbone: str,
-    in_chans: int,
-    pretrained: bool = False,
-    checkpoint_path: str | None = None,
-    drop_path_rate: float = 0.0,
-) -> tuple[nn.Module, int]:
-    """A timm backbone without classifier: (B, in_chans, H, W) -> (B, F) pooled features.
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a model's image encoder is: the ``model.params.encoder`` mapping of a config.
 
     ``pretrained`` downloads weights (needs internet); offline, give ``checkpoint_path`` to a local
     timm weight file instead (its first conv is adapted to ``in_chans`` by timm).
-    Returns the module and its feature width F.
     """
-    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    if checkpoint_path:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
-        pretrained = True
-    model = timm.create_model(
-        backbone, pretrained=pretrained, in_chans=in_chans, num_classes=0, **kwargs
-    )
-    return model, model.num_features
+
+    backbone: str = "resnet18"  # any timm model name
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    drop_path_rate: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> EncoderSpec:
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(params or {}) - set(valid))
+        if unknown:
+            raise TypeError(f"encoder got unknown keys {unknown}; valid: {', '.join(valid)}")
+        return cls(**dict(params or {}))
+
+    def build(self, in_chans: int) -> tuple[nn.Module, int]:
+        """A timm backbone without classifier: (B, in_chans, H, W) -> (B, F) pooled features.
+
+        Returns the module and its feature width F.
+        """
+        kwargs: dict[str, Any] = {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
+        pretrained = self.pretrained
+        if self.checkpoint_path:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(self.checkpoint_path)}
+            pretrained = True
+        model = timm.create_model(
+            self.backbone, pretrained=pretrained, in_chans=in_chans, num_classes=0, **kwargs
+        )
+        return model, model.num_features
+
+
+def create_encoder(encoder: Mapping[str, Any] | None, in_chans: int) -> tuple[nn.Module, int]:
+    """``EncoderSpec.from_params(encoder).build(in_chans)``: what a model constructor calls."""
+    return EncoderSpec.from_params(encoder).build(in_chans)

@@ -77,13 +77,13 @@ def test_override_types_and_logging(caplog):
                 "train.lr=1e-4",
                 "train.stop_after=null",
                 "cache.window=[40, 400]",
-                "model.params.backbone=resnet34",
+                "model.params.encoder.backbone=resnet34",
             ],
         )
     assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.stop_after is None
     assert cfg.cache.window == (40, 400)
-    assert cfg.model.params.backbone == "resnet34"
+    assert cfg.model.params.encoder.backbone == "resnet34"
     assert "override train.lr: 0.0002 -> 0.0001" in caplog.text
 
 
@@ -134,7 +134,5 @@ def test_registry_errors_list_choices():
     ):
         MODELS.get("resnet")
     cfg = load_config(ROOT / "config/rsna/stage1_vertebra.yaml", ["model.params.dropuot=0.5"])
-    with pytest.raises(
-        TypeError, match="unknown params \\['dropuot'\\]; valid: backbone, in_chans"
-    ):
+    with pytest.raises(TypeError, match="unknown params \\['dropuot'\\]; valid: encoder, in_chans"):
         build_model(cfg)

@@ -40,10 +40,17 @@ def test_forward_shapes_and_finite(name):
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
-def test_in_chans_reaches_the_backbone():
-    model = MODELS.build("vertebra_bbox_ratio", {"in_chans": 7})
+def test_in_chans_and_encoder_spec_reach_the_backbone():
+    model = MODELS.build(
+        "vertebra_bbox_ratio", {"in_chans": 7, "encoder": {"backbone": "resnet34"}}
+    )
     first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 7
+    assert len(model.encoder.layer1) == 3  # resnet34 (resnet18 has 2 blocks per stage)
+    with pytest.raises(
+        TypeError, match="encoder got unknown keys \\['bakbone'\\]; valid: backbone"
+    ):
+        MODELS.build("fracture_seq", {"encoder": {"bakbone": "resnet34"}})
 
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -132,6 +133,40 @@ def test_submission_with_a_study_without_detections(head, tiny_data, tiny_output
     loc = pd.read_csv(layout.stage2_labels_csv(load_config("config/rsna/base.yaml", ov), "test"))
     assert blind not in set(loc.StudyInstanceUID)
     assert sub[sub.row_id.str.startswith(blind)].fractured.gt(0).all()
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    """Every file under ``root`` except the test-time folders, with its bytes."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "test" not in p.relative_to(root).parts[:1]
+    }
+
+
+def test_a_second_test_set_leaves_the_training_products_untouched(
+    head, tiny_data, tiny_output, ov, tmp_path
+):
+    """`--split test --data-dir OTHER` keeps its cache and intermediates in its own folder."""
+    other = tmp_path / "second_test_set"
+    other.mkdir()
+    shutil.copy(tiny_data / "test.csv", other / "test.csv")
+    shutil.copytree(tiny_data / "test_images", other / "test_images")  # no train.csv: saved priors
+    root = tiny_output / "rsna"
+    before = _snapshot(root)
+    out = tmp_path / "sub.csv"
+    cfg = "config/rsna/patient_head.yaml"
+    inference.main(
+        ["--CFG", cfg, "--split", "test", "--data-dir", str(other), "--out", str(out), *ov]
+    )
+    assert _snapshot(root) == before
+    sub = pd.read_csv(out)
+    assert sub.row_id.tolist() == pd.read_csv(other / "test.csv").row_id.tolist()
+    work = paths.test_dir(load_config(cfg, [*ov, f"data_dir={other}"]))
+    assert work.parent == root / "test" and work.name.startswith("second_test_set-")
+    cached = sorted(p.stem for p in (work / "prep" / "volumes").glob("*.npy"))
+    assert cached == sorted(p.name for p in (other / "test_images").iterdir())
+    assert (work / "stage2_labels_test.csv").is_file()
 
 
 def _state(path):

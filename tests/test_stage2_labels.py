@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from utils.rsna.localize import COLUMNS, localize, longest_run, ordered_labels
 
@@ -71,6 +72,17 @@ def test_ordered_decoding_may_start_below_c1():
         and set(labels[10:16]) == {4}
         and labels[[0, 9, 18]].tolist() == [0, 0, 0]
     )
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_threshold_zero_gives_every_vertebra_every_slice(ordered):
+    """vert_thresh=0: 'every slice' for each of C1..C7, also with the ordered decoding."""
+    ratios = np.full((12, 7), 0.01)
+    ratios[:6, 0] = 0.9  # looks like C1 then C2 only: the decoding would drop C3..C7
+    ratios[6:, 1] = 0.9
+    table = localize(_frame(ratios), smooth=1, vert_thresh=0.0, box_margin=0.0, ordered=ordered)
+    assert table["vertebra"].tolist() == [f"C{i}" for i in range(1, 8)]
+    assert (table["start"] == 0).all() and (table["end"] == 11).all()
 
 
 def _frame(ratios: np.ndarray) -> pd.DataFrame:

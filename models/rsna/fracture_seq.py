@@ -31,11 +31,8 @@ class FractureSeqNet(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        encoder: dict | None = None,
         in_chans: int = 3,
-        pretrained: bool = False,
-        checkpoint_path: str | None = None,
-        drop_path_rate: float = 0.0,
         rnn: str = "gru",
         hidden: int = 256,
         num_layers: int = 1,
@@ -44,9 +41,7 @@ class FractureSeqNet(nn.Module):
         super().__init__()
         if rnn not in ("gru", "lstm"):
             raise ValueError(f"rnn must be 'gru' or 'lstm', got {rnn!r}")
-        self.encoder, width = create_encoder(
-            backbone, in_chans, pretrained, checkpoint_path, drop_path_rate
-        )
+        self.encoder, width = create_encoder(encoder, in_chans)
         rnn_cls = nn.GRU if rnn == "gru" else nn.LSTM
         self.rnn = rnn_cls(
             width, hidden, num_layers=num_layers, batch_first=True, bidirectional=True

@@ -23,19 +23,14 @@ class VertebraBoxRatioNet(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        encoder: dict | None = None,
         in_chans: int = 3,
-        pretrained: bool = False,
-        checkpoint_path: str | None = None,
-        drop_path_rate: float = 0.0,
         dropout: float = 0.1,
         z_features: int = 8,
         hidden: int = 256,
     ):
         super().__init__()
-        self.encoder, width = create_encoder(
-            backbone, in_chans, pretrained, checkpoint_path, drop_path_rate
-        )
+        self.encoder, width = create_encoder(encoder, in_chans)
         freqs = torch.pi * torch.arange(1, z_features // 2 + 1, dtype=torch.float32)
         self.register_buffer("freqs", freqs, persistent=False)
         self.head = nn.Sequential(

@@ -46,10 +46,30 @@ def _volume(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def stack_slices(vol: np.ndarray, centre: int, in_chans: int, step: int) -> np.ndarray:
-    """(H, W, in_chans) uint8: slices ``centre + (k - in_chans // 2) * step``, clamped to the volume."""
+def stack_slices(
+    vol: np.ndarray,
+    centre: int,
+    in_chans: int,
+    step: int,
+    rows: slice = slice(None),
+    cols: slice = slice(None),
+) -> np.ndarray:
+    """(H, W, in_chans) uint8: slices ``centre + (k - in_chans // 2) * step``, clamped to the volume.
+
+    ``rows`` / ``cols`` select a region before anything is copied (a crop of a memory-mapped
+    volume reads only that region).
+    """
     idx = np.clip(centre + (np.arange(in_chans) - in_chans // 2) * step, 0, len(vol) - 1)
-    return np.ascontiguousarray(np.moveaxis(vol[idx], 0, -1))
+    return np.ascontiguousarray(np.moveaxis(vol[idx, rows, cols], 0, -1))
+
+
+def box_region(box: np.ndarray, h: int, w: int) -> tuple[slice, slice]:
+    """Pixel (rows, cols) of a normalised x0, y0, x1, y1 box on an (h, w) slice, at least 1 px."""
+    x0, x1 = int(np.floor(box[0] * w)), int(np.ceil(box[2] * w))
+    y0, y1 = int(np.floor(box[1] * h)), int(np.ceil(box[3] * h))
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
+    return slice(y0, y1), slice(x0, x1)
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -257,24 +277,19 @@ class VertebraSequences(_CacheDataset):
             pos = pos + self.rng(index).uniform(-half, half, self.seq_len)
         return np.clip(np.rint(pos), start, end).astype(int)
 
-    def crop(self, img: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """(S, S, C) -> (image_size, image_size, C) crop of the normalised box."""
-        h, w = img.shape[:2]
-        x0, x1 = int(np.floor(box[0] * w)), int(np.ceil(box[2] * w))
-        y0, y1 = int(np.floor(box[1] * h)), int(np.ceil(box[3] * h))
-        x0, y0 = max(x0, 0), max(y0, 0)
-        x1, y1 = max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
+    def resize(self, region: np.ndarray) -> np.ndarray:
+        """(h, w, C) cropped region -> (image_size, image_size, C)."""
         out = cv2.resize(
-            img[y0:y1, x0:x1], (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR
+            region, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR
         )
         return out.reshape(self.image_size, self.image_size, -1)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.table.iloc[index]
         vol = self.volume(row.StudyInstanceUID)
-        box = row[BOX_COLS].to_numpy(np.float64)
-        seq = [
-            self.crop(stack_slices(vol, c, self.in_chans, self.slice_step), box)
+        rows, cols = box_region(row[BOX_COLS].to_numpy(np.float64), *vol.shape[1:])
+        seq = [  # crop first: only the box region of each slice is read and copied
+            self.resize(stack_slices(vol, c, self.in_chans, self.slice_step, rows, cols))
             for c in self.centres(int(row.start), int(row.end), index)
         ]
         img = np.concatenate(seq, axis=-1)  # (H, W, S * C): one transform for the whole sequence

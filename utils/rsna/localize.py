@@ -102,14 +102,18 @@ def localize_study(
     ``pred``: columns ``slice``, x0, y0, x1, y1, C1..C7 (normalised box, ratios in [0, 1]).
     Ratios are smoothed along z (centred rolling mean of ``smooth`` slices). A vertebra's range is
     its run in the ordered decoding (``ordered``; see :func:`ordered_labels`) or else the longest
-    run of slices whose ratio exceeds ``thresh``. The study box spans the 5-95 % quantiles of the
+    run of slices whose ratio exceeds ``thresh``. ``thresh <= 0`` means every slice belongs to
+    every vertebra (each gets the whole study; the ordered decoding, which gives a slice one
+    vertebra at most, would leave some without slices). The study box spans the 5-95 % quantiles of the
     boxes predicted on slices assigned to any vertebra, widened by ``margin`` of its size on each
     side and clipped to the image.
     """
     pred = pred.sort_values("slice")
     ratios = pred[VERTEBRAE].rolling(smooth, center=True, min_periods=1).mean().to_numpy()
     slices = pred["slice"].to_numpy()
-    if ordered:
+    if thresh <= 0:
+        masks = [np.ones(len(pred), bool)] * 7
+    elif ordered:
         labels = ordered_labels(pred[VERTEBRAE].to_numpy(), ratios, thresh)
         masks = [labels == i + 1 for i in range(7)]
     else:

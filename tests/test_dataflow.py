@@ -1,0 +1,422 @@
+"""What flows between the stages: cache orientation, 2.5D stacks, stage-2 crops and sequences,
+losses against the metric, OOF fold routing, the CV report and the submission fills.
+
+Each test names the silent fault it guards; all of them keep `make test` green when broken
+without these tests (the pipeline still runs and writes plausible files).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_overrides
+
+import inference
+import train
+from utils import paths
+from utils.config import load_config
+from utils.folds import load_folds
+from utils.predict import load_models, predict_frame, run_config
+from utils.registry import build_loss
+from utils.rsna import layout
+from utils.rsna.chain import read_test_rows, write_submission
+from utils.rsna.datasets import (
+    VertebraSequences,
+    VertebraSlices,
+    slice_table,
+    study_logit_table,
+    train_priors,
+)
+from utils.rsna.dicom import window, write_slice
+from utils.rsna.localize import main as stage2_labels_main
+from utils.rsna.metric import TARGETS, per_target_logloss, score
+from utils.rsna.preprocess import main as prep_main
+from utils.rsna.synthetic import PRESETS, StudySpec, write_study
+
+VERT = [f"C{i}" for i in range(1, 8)]
+TARGET_ORDER = ["patient_overall", *VERT]  # written out here, not taken from the code
+BOX = ["x0", "y0", "x1", "y1"]
+BONE = (400.0, 1800.0)  # the cache window of every profile
+
+
+def _u8(image: torch.Tensor) -> np.ndarray:
+    """Dataset image tensor in [-1, 1] back to the uint8 cache values."""
+    return np.rint((image.numpy().astype(np.float64) + 1.0) * 127.5).astype(int)
+
+
+def _save_volume(out_dir, uid: str, vol: np.ndarray) -> None:
+    path = layout.volume_path(out_dir / "rsna" / "prep", uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vol)
+
+
+def _dataset_cfg(out_dir) -> dict:
+    return {"seed": 0, "output_dir": str(out_dir), "pipeline": "rsna"}
+
+
+def _z_volume(n: int, rows: int, cols: int, scale: int = 10) -> np.ndarray:
+    """(n, rows, cols) uint8 volume whose slice z holds the constant value scale * z."""
+    return np.broadcast_to((np.arange(n) * scale).astype(np.uint8)[:, None, None], (n, rows, cols))
+
+
+# ---- fault 1: the submission's prior fill ---------------------------------------------------------
+def test_submission_rows_without_prediction_get_their_targets_train_prevalence(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    # C1..C7 of 10 train studies: study i has C_j fractured when i < j (prevalence j / 10), so
+    # every target has its own prevalence, none 0 or 1 (patient_overall 0.7, like C7).
+    c = (np.arange(10)[:, None] < np.arange(1, 8)[None, :]).astype(int)
+    labels = pd.DataFrame(c, columns=VERT)
+    labels.insert(0, "patient_overall", c.max(axis=1))
+    labels.insert(0, "StudyInstanceUID", [f"1.2.{k}" for k in range(10)])
+    labels.to_csv(data / "train.csv", index=False)
+    prevalence = pd.read_csv(data / "train.csv")[TARGET_ORDER].mean()
+    assert prevalence.between(0.1, 0.9).all() and prevalence.nunique() == 7
+
+    seen, blind = "9.9.1", "9.9.2"
+    rows = pd.DataFrame(
+        [(f"{u}_{t}", u, t) for u in (blind, seen) for t in reversed(TARGET_ORDER)],
+        columns=["row_id", "StudyInstanceUID", "prediction_type"],
+    )
+    wide = pd.DataFrame(
+        [[seen, *np.linspace(0.11, 0.88, 8)]], columns=["StudyInstanceUID", *TARGETS]
+    )
+    priors = train_priors({"data_dir": str(data)})
+    sub = write_submission(rows, wide, priors, tmp_path / "submission.csv")
+
+    assert sub.row_id.tolist() == rows.row_id.tolist()
+    got = sub.set_index("row_id").fractured
+    for t in TARGET_ORDER:
+        assert got[f"{blind}_{t}"] == pytest.approx(prevalence[t], abs=1e-12), t
+        assert got[f"{seen}_{t}"] == pytest.approx(float(wide.iloc[0][t]), abs=1e-12), t
+    written = pd.read_csv(tmp_path / "submission.csv").set_index("row_id").fractured
+    np.testing.assert_allclose(written.loc[got.index], got, rtol=1e-12)
+
+
+# ---- fault 2: the placeholder test.csv fallback ---------------------------------------------------
+def _test_layout(root, test_uids: list[str], present: list[str]):
+    root.mkdir()
+    rows = [(f"{u}_{t}", u, t) for u in test_uids for t in ("C1", "patient_overall")]
+    pd.DataFrame(rows, columns=["row_id", "StudyInstanceUID", "prediction_type"]).to_csv(
+        root / "test.csv", index=False
+    )
+    for uid in present:
+        (root / "test_images" / uid).mkdir(parents=True)
+        (root / "test_images" / uid / "1.dcm").write_bytes(b"")
+    return rows
+
+
+def test_placeholder_test_csv_falls_back_to_the_studies_in_test_images(tmp_path):
+    present = ["1.2.826.7", "1.2.826.30", "1.2.826.5"]
+    _test_layout(tmp_path / "placeholder", ["1.2.826.999"], present)
+    rows = read_test_rows(tmp_path / "placeholder")
+    assert list(rows.columns) == ["row_id", "StudyInstanceUID", "prediction_type"]
+    assert len(rows) == 8 * len(present)
+    assert set(rows.StudyInstanceUID) == set(present)
+    assert (rows.row_id == rows.StudyInstanceUID + "_" + rows.prediction_type).all()
+    for uid, g in rows.groupby("StudyInstanceUID", sort=False):
+        assert g.prediction_type.tolist() == TARGET_ORDER, uid
+
+    # A test.csv naming studies that are present (even with one absent) is kept as it is.
+    listed = _test_layout(tmp_path / "real", ["1.2.826.5", "1.2.826.404"], ["1.2.826.5"])
+    rows = read_test_rows(tmp_path / "real")
+    assert list(rows.itertuples(index=False, name=None)) == listed
+
+
+# ---- fault 3: reversed studies in the volume cache -------------------------------------------------
+def _write_ramp_study(folder, uid: str, reversed_numbers: bool, n: int = 6) -> list[float]:
+    """Slice k (head -> feet, IPP z = 100 - 2.5 k) of constant HU; file numbers ascend feet ->
+    head when ``reversed_numbers``. Returns the HU of each slice head -> feet."""
+    hus = [-400.0 + 250.0 * k for k in range(n)]
+    for k, hu in enumerate(hus):
+        number = n - k if reversed_numbers else k + 1
+        write_slice(
+            folder / uid / f"{number}.dcm",
+            np.full((12, 20), hu, np.float32),
+            study_uid=uid,
+            series_uid=f"{uid}.1",
+            sop_uid=f"{uid}.1.{number}",
+            instance_number=number,
+            position=(-5.0, -3.0, 100.0 - 2.5 * k),
+        )
+    return hus
+
+
+def test_reversed_studies_are_cached_head_to_feet(tmp_path):
+    data, prep = tmp_path / "data", tmp_path / "prep"
+    images = data / "train_images"
+    normal, rev = "1.2.3.10", "1.2.3.11"
+    hus = _write_ramp_study(images, normal, reversed_numbers=False)
+    _write_ramp_study(images, rev, reversed_numbers=True)
+    # One synthetic segmented study written twice: file numbers head -> feet, then feet -> head.
+    spec = StudySpec("1.2.3.20", "train", 0, (0, 1, 0, 0, 0, 0, 0), segmented=True)
+    write_study(spec, PRESETS["tiny"], 0, data)
+    write_study(replace(spec, uid="1.2.3.21", reversed=True), PRESETS["tiny"], 0, data)
+    uids = [normal, rev, "1.2.3.20", "1.2.3.21"]
+    pd.DataFrame({"StudyInstanceUID": uids, **{t: 0 for t in TARGET_ORDER}}).to_csv(
+        data / "train.csv", index=False
+    )
+    prep_main(["--data-dir", str(data), "--out-dir", str(prep), "profile=tiny"])
+    vol = {u: np.load(layout.volume_path(prep, u)) for u in uids}
+    studies = pd.read_csv(layout.studies_csv(prep)).set_index("StudyInstanceUID")
+    assert studies.loc[uids, "reversed"].tolist() == [False, True, False, True]
+
+    # The ramp: slice k of the cache is the k-th slice from the head, whatever the numbering.
+    expected = np.stack([np.full((64, 64), window(np.float32(h), *BONE)) for h in hus])
+    assert len(np.unique(expected[:, 0, 0])) == len(hus)
+    np.testing.assert_array_equal(vol[normal], expected)
+    np.testing.assert_array_equal(vol[rev], expected)
+
+    # The synthetic pair: identical cache and identical stage-1 labels (C1 above C7).
+    np.testing.assert_array_equal(vol["1.2.3.21"], vol["1.2.3.20"])
+    labels = pd.read_csv(layout.stage1_labels_csv(prep))
+    a, b = (
+        labels[labels.StudyInstanceUID == u].drop(columns=["StudyInstanceUID", "file_number"])
+        for u in ("1.2.3.20", "1.2.3.21")
+    )
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    assert a.loc[a.C1 > 0, "slice"].mean() < a.loc[a.C7 > 0, "slice"].mean()
+
+
+# ---- fault 4: the stage-2 crop on a non-square study ----------------------------------------------
+@pytest.mark.parametrize(
+    ("box", "rows", "cols"),
+    [
+        ((16 / 64, 10 / 40, 48 / 64, 30 / 40), slice(10, 30), slice(16, 48)),  # wider than tall
+        ((4 / 64, 0.0, 20 / 64, 1.0), slice(0, 40), slice(4, 20)),  # taller than wide, full height
+    ],
+)
+def test_stage2_crop_takes_the_box_region_of_a_non_square_slice(tmp_path, box, rows, cols):
+    rng = np.random.default_rng(4)
+    pattern = rng.integers(0, 256, (40, 64), dtype=np.uint8)  # H = 40, W = 64
+    _save_volume(tmp_path, "s", np.broadcast_to(pattern, (6, 40, 64)).copy())
+    table = pd.DataFrame([{"StudyInstanceUID": "s", "vertebra": "C3", "start": 1, "end": 4}])
+    table[BOX] = [box]
+    ds = VertebraSequences(
+        table, _dataset_cfg(tmp_path), train=False, image_size=16, in_chans=3, seq_len=3, aug=0.0
+    )
+    image = _u8(ds[0]["image"])
+    assert image.shape == (3, 3, 16, 16)
+    expected = cv2.resize(pattern[rows, cols], (16, 16), interpolation=cv2.INTER_LINEAR)
+    for element in image:
+        for channel in element:
+            np.testing.assert_array_equal(channel, expected)
+
+
+# ---- fault 5: the slices of a stage-2 sequence ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("start", "end", "centres"),
+    [(4, 12, [4, 6, 8, 10, 12]), (1, 5, [1, 2, 3, 4, 5]), (0, 8, [0, 2, 4, 6, 8])],
+)
+def test_stage2_sequence_spreads_its_slices_evenly_over_start_to_end(tmp_path, start, end, centres):
+    _save_volume(tmp_path, "s", _z_volume(20, 24, 24))
+    table = pd.DataFrame(
+        [{"StudyInstanceUID": "s", "vertebra": "C5", "start": start, "end": end, "fractured": 1}]
+    )
+    table[BOX] = [(0.0, 0.0, 1.0, 1.0)]
+    ds = VertebraSequences(
+        table,
+        _dataset_cfg(tmp_path),
+        train=False,
+        image_size=8,
+        in_chans=3,
+        seq_len=5,
+        slice_step=2,
+        aug=0.0,
+    )
+    sample = ds[0]
+    image = _u8(sample["image"])  # (seq_len, in_chans, H, W)
+    assert image.shape == (5, 3, 8, 8) and float(sample["target"]) == 1.0
+    assert (image == image[..., :1, :1]).all()  # every crop is one constant slice
+    slices = image[:, :, 0, 0] // 10
+    assert slices[:, 1].tolist() == centres  # both ends included, evenly spaced
+    assert slices[:, 0].tolist() == [max(c - 2, 0) for c in centres]
+    assert slices[:, 2].tolist() == [min(c + 2, 19) for c in centres]
+
+
+# ---- fault 6: the centre of the stage-1 2.5D stack ------------------------------------------------
+@pytest.mark.parametrize(("in_chans", "step"), [(3, 1), (5, 2)])
+def test_stage1_stack_centre_channel_is_the_labelled_slice(tmp_path, in_chans, step):
+    n = 12
+    _save_volume(tmp_path, "s", _z_volume(n, 16, 16))
+    picks = [0, 1, 5, n - 2, n - 1]
+    table = pd.DataFrame({"StudyInstanceUID": "s", "slice": picks})
+    ratios = np.linspace(0.0, 1.0, len(picks) * 7).reshape(len(picks), 7)
+    labelled = table.assign(**{v: ratios[:, j] for j, v in enumerate(VERT)}, vertebrae=1)
+    labelled[BOX] = [(0.1, 0.2, 0.6, 0.9)] * len(picks)
+    cfg = _dataset_cfg(tmp_path)
+    for tab, train_mode in ((table, False), (labelled, True)):
+        ds = VertebraSlices(
+            tab, cfg, train=train_mode, image_size=16, in_chans=in_chans, slice_step=step, aug=0.0
+        )
+        for i, z in enumerate(picks):
+            sample = ds[i]
+            image = _u8(sample["image"])
+            assert image.shape == (in_chans, 16, 16) and (image == image[:, :1, :1]).all()
+            offsets = (np.arange(in_chans) - in_chans // 2) * step
+            assert (image[:, 0, 0] // 10).tolist() == np.clip(z + offsets, 0, n - 1).tolist()
+            assert float(sample["z"]) == pytest.approx(z / (n - 1))
+            if train_mode:
+                np.testing.assert_allclose(sample["ratios"].numpy(), ratios[i], rtol=1e-6)
+
+
+# ---- fault 7: the losses against the metric they stand for ----------------------------------------
+def test_competition_loss_equals_the_per_study_competition_metric(tiny_cfg):
+    loss = build_loss(tiny_cfg("patient_head"))
+    rng = np.random.default_rng(7)
+    c = rng.integers(0, 2, (12, 7))
+    c[:3] = 0  # some negative studies
+    y = np.concatenate([c.max(axis=1, keepdims=True), c], axis=1).astype(np.float32)
+    logits = rng.uniform(-3, 3, y.shape).astype(np.float32)
+    value = float(loss({"logits": torch.from_numpy(logits)}, {"targets": torch.from_numpy(y)}))
+    uids = [f"u{k}" for k in range(len(y))]
+    prob = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    pred = pd.DataFrame(prob, columns=TARGETS).assign(StudyInstanceUID=uids)
+    truth = pd.DataFrame(y.astype(int), columns=TARGETS).assign(StudyInstanceUID=uids)
+    expected = score(pred, truth)
+    assert value == pytest.approx(expected, rel=1e-5)
+    unweighted = float(np.mean(-(y * np.log(prob) + (1 - y) * np.log1p(-prob))))
+    assert abs(expected - unweighted) > 1e-2  # the weights matter on this batch
+
+
+def test_stage2_loss_equals_the_metrics_vertebra_weighted_log_loss(tiny_cfg):
+    loss = build_loss(tiny_cfg("stage2_fracture"))
+    rng = np.random.default_rng(8)
+    y = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0], np.float32)
+    logit = rng.uniform(-3, 3, y.shape).astype(np.float32)
+    logit[y == 1] -= 1.5  # positives predicted badly: their weight changes the value
+    value = float(loss({"logit": torch.from_numpy(logit)}, {"target": torch.from_numpy(y)}))
+    # The metric on a C1 column: sum_i w_i l_i / sum_i w_i with w = 2 (fractured) / 1.
+    uids = [f"u{k}" for k in range(len(y))]
+    prob = 1 / (1 + np.exp(-logit.astype(np.float64)))
+    pred = pd.DataFrame(0.5, index=range(len(y)), columns=TARGETS).assign(StudyInstanceUID=uids)
+    pred["C1"] = prob
+    truth = pd.DataFrame(0, index=range(len(y)), columns=TARGETS).assign(StudyInstanceUID=uids)
+    truth["C1"] = y.astype(int)
+    expected = per_target_logloss(pred, truth)["C1"]
+    assert value == pytest.approx(expected, rel=1e-5)
+    unweighted = float(np.mean(-(y * np.log(prob) + (1 - y) * np.log1p(-prob))))
+    assert abs(expected - unweighted) > 1e-2
+
+
+# ---- fault 8: OOF folds and the CV report ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tiny_data, tiny_output, tmp_path_factory):
+    """All three stages trained (tiny) and predicted OOF in a private output folder."""
+    out = tmp_path_factory.mktemp("dataflow_out")
+    shutil.copytree(tiny_output / "rsna" / "prep", out / "rsna" / "prep")
+    shutil.copy(tiny_output / "rsna" / "folds.csv", out / "rsna" / "folds.csv")
+    ov = [*tiny_overrides(tiny_data, out), "localize.vert_thresh=0.001"]
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
+    inference.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--split", "oof", *ov])
+    stage2_labels_main(["--CFG", "config/rsna/stage2_fracture.yaml", *ov])
+    for stage in ("stage2_fracture", "patient_head"):
+        train.main(["--CFG", f"config/rsna/{stage}.yaml", *ov])
+        inference.main(["--CFG", f"config/rsna/{stage}.yaml", "--split", "oof", *ov])
+    return {
+        stage: load_config(f"config/rsna/{stage}.yaml", ov)
+        for stage in ("stage1_vertebra", "stage2_fracture", "patient_head")
+    }
+
+
+def _fold_models(cfg):
+    run = run_config(cfg)
+    models = load_models(run)
+    assert sorted(models) == [0, 1]
+    return run, models
+
+
+def _folds(cfg) -> pd.DataFrame:
+    return load_folds(paths.folds_csv(cfg), "StudyInstanceUID")
+
+
+def _stage1(run, model, uids) -> pd.DataFrame:
+    studies = pd.read_csv(layout.studies_csv(paths.prep_dir(run)), dtype=str)
+    studies = studies[studies.StudyInstanceUID.isin(uids)].astype({"n_slices": int})
+    return predict_frame(run, [model], slice_table(studies))
+
+
+def _assert_own_fold_reproduces(stored, redo, other, keys, cols):
+    merged = stored.merge(redo, on=keys, suffixes=("", "_own"), validate="1:1")
+    assert len(merged) == len(stored) > 0
+    for col in cols:
+        np.testing.assert_allclose(merged[col], merged[f"{col}_own"], rtol=1e-5, atol=1e-6)
+    merged = stored.merge(other, on=keys, suffixes=("", "_other"), validate="1:1")
+    gap = max(np.abs(merged[c] - merged[f"{c}_other"]).max() for c in cols)
+    assert gap > 1e-4  # the other fold's model really predicts something else
+
+
+def test_stage1_oof_rows_are_predicted_by_their_own_fold_model(runs):
+    cfg = runs["stage1_vertebra"]
+    preds = pd.read_csv(paths.preds_csv(cfg))
+    folds = _folds(cfg)
+    assert (
+        preds.fold == preds.StudyInstanceUID.map(folds.set_index("StudyInstanceUID").fold)
+    ).all()
+    run, models = _fold_models(cfg)
+    for k in (0, 1):
+        uids = folds.loc[folds.fold == k, "StudyInstanceUID"].tolist()
+        stored = preds[preds.fold == k].drop(columns="fold")
+        own = _stage1(run, models[k], uids)
+        other = _stage1(run, models[1 - k], uids)
+        _assert_own_fold_reproduces(
+            stored, own, other, ["StudyInstanceUID", "slice"], [*BOX, *VERT]
+        )
+
+
+def test_stage2_oof_rows_are_predicted_by_their_own_fold_model(runs):
+    cfg = runs["stage2_fracture"]
+    preds = pd.read_csv(paths.preds_csv(cfg))
+    folds = _folds(cfg)
+    assert (
+        preds.fold == preds.StudyInstanceUID.map(folds.set_index("StudyInstanceUID").fold)
+    ).all()
+    table = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"))
+    assert len(preds) == len(table)
+    run, models = _fold_models(cfg)
+    for k in (0, 1):
+        part = table[table.StudyInstanceUID.isin(folds.loc[folds.fold == k, "StudyInstanceUID"])]
+        stored = preds.loc[preds.fold == k, ["StudyInstanceUID", "vertebra", "logit"]]
+        own = predict_frame(run, [models[k]], part)[["StudyInstanceUID", "vertebra", "logit"]]
+        other = predict_frame(run, [models[1 - k]], part)[["StudyInstanceUID", "vertebra", "logit"]]
+        _assert_own_fold_reproduces(stored, own, other, ["StudyInstanceUID", "vertebra"], ["logit"])
+
+
+def test_cv_report_head_predictions_come_from_each_studys_own_fold_model(runs):
+    cfg = runs["patient_head"]
+    oof = pd.read_csv(paths.oof_csv(cfg))
+    folds = _folds(cfg)
+    assert sorted(oof.StudyInstanceUID) == sorted(folds.StudyInstanceUID)
+    stage2 = pd.read_csv(paths.preds_csv(cfg, cfg.stages.fracture))
+    priors = train_priors(cfg)
+    run, models = _fold_models(cfg)
+    for k in (0, 1):
+        uids = folds.loc[folds.fold == k, "StudyInstanceUID"].tolist()
+        stored = oof[oof.StudyInstanceUID.isin(uids)]
+        table = study_logit_table(stage2, priors, uids)
+        own = predict_frame(run, [models[k]], table)
+        other = predict_frame(run, [models[1 - k]], table)
+        _assert_own_fold_reproduces(stored, own, other, ["StudyInstanceUID"], TARGETS)
+
+
+def test_cv_report_metric_rescored_from_its_own_oof_file(runs, tiny_data):
+    cfg = runs["patient_head"]
+    report = json.loads(paths.cv_report(cfg, "json").read_text())
+    oof = pd.read_csv(paths.oof_csv(cfg))
+    train_csv = pd.read_csv(tiny_data / "train.csv")
+    truth = train_csv[train_csv.StudyInstanceUID.isin(_folds(cfg).StudyInstanceUID)]
+    assert report["model"] == "stage 2 + patient head" and report["n_studies"] == len(truth)
+    assert report["oof_metric"] == pytest.approx(score(oof, truth), rel=1e-9)
+    assert report["oof_metric_global"] == pytest.approx(
+        score(oof, truth, per_study=False), rel=1e-9
+    )
+    prior = train_csv[TARGET_ORDER].mean()
+    constant = truth[["StudyInstanceUID"]].assign(**{t: prior[t] for t in TARGET_ORDER})
+    assert report["baseline_prior"] == pytest.approx(score(constant, truth), rel=1e-9)

@@ -1,0 +1,149 @@
+"""The generic machinery on a stage that exists only in this test: no change to train.py or inference.py.
+
+A toy pipeline (its own config folder, fold spec, dataset, model and loss, all registered here)
+is trained with train.py and predicted by inference.py: OOF rows stream from the fold model that
+did not train on them, test rows from the fold mean, case ids that look numeric stay strings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import inference
+import train
+from utils.engine import stream_predictions
+from utils.fold_split import main as fold_main
+from utils.folds import load_folds
+from utils.registry import DATASETS, LOSSES, MODELS, PIPELINES, FoldInputs, Pipeline
+
+PIPELINES.register("toy")(
+    Pipeline(
+        name="toy",
+        id_col="case",
+        fold_inputs=lambda cfg: FoldInputs(pd.read_csv(f"{cfg.data_dir}/train.csv", dtype=str)),
+        preprocess=lambda argv: None,
+    )
+)
+
+
+@DATASETS.register("toy_points")
+class ToyPoints(Dataset):
+    """One 2-D point per row; ``case`` (str) rides along in the batch as a non-tensor field."""
+
+    key_columns = ("case",)
+
+    def __init__(self, table, cfg, train):
+        self.table = table.reset_index(drop=True)
+
+    @staticmethod
+    def load_table(cfg) -> pd.DataFrame:
+        return pd.read_csv(f"{cfg.data_dir}/train.csv", dtype={"case": str})
+
+    @staticmethod
+    def test_table(cfg) -> pd.DataFrame:
+        return pd.read_csv(f"{cfg.data_dir}/test.csv", dtype={"case": str})
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table.iloc[i]
+        sample = {"x": torch.tensor([row.x0, row.x1], dtype=torch.float32), "case": row.case}
+        if "y" in row:
+            sample["y"] = torch.tensor(float(row.y))
+        return sample
+
+    @staticmethod
+    def evaluate(out, table) -> dict:
+        return {"mean_score": float(out["score"].mean())}
+
+
+@MODELS.register("toy_linear")
+class ToyLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, batch):
+        logits = self.fc(batch["x"])
+        return {"score": logits[:, 1] - logits[:, 0], "probs": logits.softmax(dim=1)}
+
+
+@LOSSES.register("toy_ce")
+class ToyCE(nn.Module):
+    def forward(self, out, batch):
+        return nn.functional.binary_cross_entropy_with_logits(out["score"], batch["y"])
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    (root / "config" / "toy").mkdir(parents=True)
+    (root / "config" / "toy" / "base.yaml").write_text("n_folds: 3   # three folds\n")
+    (root / "config" / "toy" / "linear.yaml").write_text(
+        "dataset: {name: toy_points}\nmodel: {name: toy_linear}\nloss: {name: toy_ce}\n"
+        "num_workers: 0\nprogress: false\ntrain: {epochs: 2, batch_size: 4, amp: false, "
+        "channels_last: false}\ninfer: {batch_size: 5}\n"
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 2))
+    cases = [f"{i:03d}" for i in range(24)]  # numeric-looking ids: 000 .. 023
+    data = root / "data"
+    data.mkdir()
+    pd.DataFrame({"case": cases, "x0": x[:, 0], "x1": x[:, 1], "y": (x[:, 0] > 0) * 1}).to_csv(
+        data / "train.csv", index=False
+    )
+    pd.DataFrame({"case": ["1e3", "0042"], "x0": [0.5, -1.0], "x1": [0.0, 2.0]}).to_csv(
+        data / "test.csv", index=False
+    )
+    ov = [f"data_dir={data}", f"output_dir={root / 'output'}"]
+    assert fold_main(["--CFG", str(root / "config" / "toy" / "base.yaml"), *ov]) == 0
+    stage = str(root / "config" / "toy" / "linear.yaml")
+    train.main(["--CFG", stage, *ov])
+    return root, stage, ov
+
+
+def test_oof_predictions_of_a_stage_registered_only_here(toy):
+    root, stage, ov = toy
+    inference.main(["--CFG", stage, "--split", "oof", *ov])
+    preds = pd.read_csv(root / "output" / "toy" / "linear" / "preds_oof.csv", dtype={"case": str})
+    folds = load_folds(root / "output" / "toy" / "folds.csv", "case")
+    assert list(preds.columns) == ["case", "score", "probs_0", "probs_1", "fold"]
+    assert sorted(preds["case"]) == [f"{i:03d}" for i in range(24)]
+    merged = preds.merge(folds, on="case", suffixes=("", "_file"))
+    assert (merged["fold"] == merged["fold_file"]).all() and len(merged) == 24
+    np.testing.assert_allclose(preds[["probs_0", "probs_1"]].sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_test_predictions_are_the_fold_mean(toy):
+    root, stage, ov = toy
+    out = root / "toy_test.csv"
+    inference.main(["--CFG", stage, "--split", "test", "--out", str(out), *ov])
+    preds = pd.read_csv(out, dtype={"case": str})
+    assert preds["case"].tolist() == ["1e3", "0042"]
+    # The mean of the three fold models, computed by hand from their checkpoints.
+    scores = []
+    for k in range(3):
+        state = torch.load(root / "output" / "toy" / "linear" / f"fold{k}" / "best.pth")
+        model = ToyLinear()
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            scores.append(model({"x": torch.tensor([[0.5, 0.0], [-1.0, 2.0]])})["score"].numpy())
+    np.testing.assert_allclose(preds["score"], np.mean(scores, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_stream_keeps_non_tensor_fields_and_yields_per_batch(toy):
+    root, stage, ov = toy
+    from utils.config import load_config
+
+    cfg = load_config(stage, ov)
+    table = ToyPoints.load_table(cfg)
+    loader = torch.utils.data.DataLoader(ToyPoints(table, cfg, False), batch_size=5)
+    batches = list(stream_predictions(cfg, [ToyLinear(), ToyLinear()], loader, torch.device("cpu")))
+    assert len(batches) == 5 and [len(b["case"]) for b, _ in batches] == [5, 5, 5, 5, 4]
+    assert batches[0][0]["case"][:2] == ["000", "001"] and batches[0][1]["score"].shape == (5,)
