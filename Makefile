@@ -1,5 +1,6 @@
-# Quick start: `make demo` (synthetic data -> full two-stage pipeline -> OOF score + submission)
+# Quick start: `make demo` (synthetic data -> full two-stage RSNA pipeline -> OOF score + submission)
 # and `make test`. Both create .venv from the requirement files when it is missing or stale.
+# The repository is used from its root (python train.py, python -m utils.<tool>): nothing to install.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -26,7 +27,7 @@ test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -m slow -q
 
 bench: $(VENV)/.installed-dev
-	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

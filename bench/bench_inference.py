@@ -244,7 +244,7 @@ def backbone(cfg: Config) -> str:
     """The model's timm backbone: ``model.params.encoder.backbone`` (or, in configs from before
     the encoder spec, ``model.params.backbone``)."""
     params = cfg.model.params
-    return str((params["encoder"] if "encoder" in params else params)["backbone"])
+    return str(params.get("encoder", params)["backbone"])
 
 
 def describe(s1: Config, s2: Config) -> str:

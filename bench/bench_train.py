@@ -162,17 +162,14 @@ def backbone(cfg: Config) -> str:
     """The model's timm backbone: ``model.params.encoder.backbone`` (or, in configs from before
     the encoder spec, ``model.params.backbone``)."""
     params = cfg.model.params
-    return str((params["encoder"] if "encoder" in params else params)["backbone"])
+    return str(params.get("encoder", params)["backbone"])
 
 
 def describe(cfg: Config) -> str:
     """``backbone size px [x S slices] x C ch, batch B``."""
     p = cfg.dataset.params
     seq = f" x {p.seq_len} sl" if "seq_len" in p else ""
-    return (
-        f"{backbone(cfg)} {p.image_size}px{seq} x {p.in_chans}ch, "
-        f"batch {cfg.train.batch_size}"
-    )
+    return f"{backbone(cfg)} {p.image_size}px{seq} x {p.in_chans}ch, batch {cfg.train.batch_size}"
 
 
 def main() -> None:

@@ -36,7 +36,9 @@ class EncoderSpec:
 
         Returns the module and its feature width F.
         """
-        kwargs: dict[str, Any] = {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
+        kwargs: dict[str, Any] = (
+            {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
+        )
         pretrained = self.pretrained
         if self.checkpoint_path:
             kwargs["pretrained_cfg_overlay"] = {"file": str(self.checkpoint_path)}

@@ -21,17 +21,14 @@ from utils.fold_split import main as fold_main
 from utils.folds import load_folds
 from utils.registry import DATASETS, LOSSES, MODELS, PIPELINES, FoldInputs, Pipeline
 
-PIPELINES.register("toy")(
-    Pipeline(
-        name="toy",
-        id_col="case",
-        fold_inputs=lambda cfg: FoldInputs(pd.read_csv(f"{cfg.data_dir}/train.csv", dtype=str)),
-        preprocess=lambda argv: None,
-    )
+TOY = Pipeline(
+    name="toy",
+    id_col="case",
+    fold_inputs=lambda cfg: FoldInputs(pd.read_csv(f"{cfg.data_dir}/train.csv", dtype=str)),
+    preprocess=lambda argv: None,
 )
 
 
-@DATASETS.register("toy_points")
 class ToyPoints(Dataset):
     """One 2-D point per row; ``case`` (str) rides along in the batch as a non-tensor field."""
 
@@ -63,7 +60,6 @@ class ToyPoints(Dataset):
         return {"mean_score": float(out["score"].mean())}
 
 
-@MODELS.register("toy_linear")
 class ToyLinear(nn.Module):
     def __init__(self):
         super().__init__()
@@ -74,14 +70,29 @@ class ToyLinear(nn.Module):
         return {"score": logits[:, 1] - logits[:, 0], "probs": logits.softmax(dim=1)}
 
 
-@LOSSES.register("toy_ce")
 class ToyCE(nn.Module):
     def forward(self, out, batch):
         return nn.functional.binary_cross_entropy_with_logits(out["score"], batch["y"])
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def registered():
+    """The toy components in the registries for this module only."""
+    entries = [
+        (PIPELINES, "toy", TOY),
+        (DATASETS, "toy_points", ToyPoints),
+        (MODELS, "toy_linear", ToyLinear),
+        (LOSSES, "toy_ce", ToyCE),
+    ]
+    for registry, name, obj in entries:
+        registry.register(name)(obj)
+    yield
+    for registry, name, _ in entries:
+        registry.remove(name)
+
+
+@pytest.fixture(scope="module")
+def toy(registered, tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     (root / "config" / "toy").mkdir(parents=True)
     (root / "config" / "toy" / "base.yaml").write_text("n_folds: 3   # three folds\n")

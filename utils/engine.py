@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -13,6 +14,11 @@ from tqdm import tqdm
 
 from utils.config import progress_off
 from utils.seed import loader_generator, worker_init_fn
+
+# One OpenCV thread per process, set when the training / inference machinery is imported, before
+# any dataset calls cv2: a forked DataLoader worker deadlocks once the parent has started
+# OpenCV's thread pool, and loader workers parallelise anyway.
+cv2.setNumThreads(1)
 
 
 def resolve_device(name: str) -> torch.device:

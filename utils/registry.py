@@ -36,6 +36,11 @@ class Registry:
 
         return deco
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test or notebook that registered a component of its own)."""
+        self.get(name)
+        del self._items[name]
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -35,10 +35,6 @@ from utils.rsna import layout
 from utils.rsna.metric import TARGETS, UID, VERTEBRAE, score
 from utils.rsna.preprocess import BOX_COLS
 
-# One OpenCV thread per process, set before any cv2 call: a forked DataLoader worker deadlocks
-# once the parent has started OpenCV's thread pool, and loader workers parallelise anyway.
-cv2.setNumThreads(1)
-
 
 @lru_cache(maxsize=64)
 def _volume(path: str) -> np.ndarray:
@@ -279,9 +275,7 @@ class VertebraSequences(_CacheDataset):
 
     def resize(self, region: np.ndarray) -> np.ndarray:
         """(h, w, C) cropped region -> (image_size, image_size, C)."""
-        out = cv2.resize(
-            region, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR
-        )
+        out = cv2.resize(region, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
         return out.reshape(self.image_size, self.image_size, -1)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
