@@ -337,6 +337,14 @@ def _folds(cfg) -> pd.DataFrame:
     return load_folds(paths.folds_csv(cfg), "StudyInstanceUID")
 
 
+def _oof_and_folds(cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stage's OOF file and the fold file; every row carries its study's fold."""
+    preds, folds = pd.read_csv(paths.preds_csv(cfg)), _folds(cfg)
+    fold_of = preds.StudyInstanceUID.map(folds.set_index("StudyInstanceUID").fold)
+    assert (preds.fold == fold_of).all()
+    return preds, folds
+
+
 def _stage1(run, model, uids) -> pd.DataFrame:
     studies = pd.read_csv(layout.studies_csv(paths.prep_dir(run)), dtype=str)
     studies = studies[studies.StudyInstanceUID.isin(uids)].astype({"n_slices": int})
@@ -355,11 +363,7 @@ def _assert_own_fold_reproduces(stored, redo, other, keys, cols):
 
 def test_stage1_oof_rows_are_predicted_by_their_own_fold_model(runs):
     cfg = runs["stage1_vertebra"]
-    preds = pd.read_csv(paths.preds_csv(cfg))
-    folds = _folds(cfg)
-    assert (
-        preds.fold == preds.StudyInstanceUID.map(folds.set_index("StudyInstanceUID").fold)
-    ).all()
+    preds, folds = _oof_and_folds(cfg)
     run, models = _fold_models(cfg)
     for k in (0, 1):
         uids = folds.loc[folds.fold == k, "StudyInstanceUID"].tolist()
@@ -373,11 +377,7 @@ def test_stage1_oof_rows_are_predicted_by_their_own_fold_model(runs):
 
 def test_stage2_oof_rows_are_predicted_by_their_own_fold_model(runs):
     cfg = runs["stage2_fracture"]
-    preds = pd.read_csv(paths.preds_csv(cfg))
-    folds = _folds(cfg)
-    assert (
-        preds.fold == preds.StudyInstanceUID.map(folds.set_index("StudyInstanceUID").fold)
-    ).all()
+    preds, folds = _oof_and_folds(cfg)
     table = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"))
     assert len(preds) == len(table)
     run, models = _fold_models(cfg)

@@ -67,7 +67,7 @@ def draw_localisation(cfg: Config, preds: pd.DataFrame) -> None:
     """Predicted ratio curves (truth dashed) and box for a few segmented studies."""
     labels_path = layout.stage1_labels_csv(paths.prep_dir(cfg))
     labels = (
-        pd.read_csv(labels_path)
+        pd.read_csv(labels_path, dtype={UID: str})
         if labels_path.is_file()
         else pd.DataFrame(columns=["StudyInstanceUID"])
     )
