@@ -31,14 +31,15 @@ def test_train_sh_tiny_end_to_end(tiny_data, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "OOF competition metric" in run.stdout and "submission:" in run.stdout
-    report = json.loads((out / "cv_report.json").read_text())
+    products = out / "rsna"
+    report = json.loads((products / "cv_report.json").read_text())
     assert report["n_studies"] == len(pd.read_csv(tiny_data / "train.csv"))
-    sub = pd.read_csv(out / "submission.csv")
+    sub = pd.read_csv(products / "submission.csv")
     answers = truth_to_long(pd.read_csv(tiny_data / "test_labels.csv"))
     assert 0 < score_submission(sub, answers) < 5
     # A second run finds every step done and changes nothing.
-    before = (out / "stage2_fracture" / "fold0" / "last.pth").stat().st_mtime
+    before = (products / "stage2_fracture" / "fold0" / "last.pth").stat().st_mtime
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already trained" in again.stderr + again.stdout
-    assert (out / "stage2_fracture" / "fold0" / "last.pth").stat().st_mtime == before
+    assert (products / "stage2_fracture" / "fold0" / "last.pth").stat().st_mtime == before
