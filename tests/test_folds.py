@@ -268,7 +268,7 @@ def test_cli_runs_as_a_module_into_the_pipeline_folder(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "output" / "rsna" / "folds.csv"

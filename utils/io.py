@@ -36,18 +36,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
-    """Write ``df`` as CSV atomically (no index unless asked)."""
+    """Write ``df`` as CSV atomically (no index unless asked); an identical file is left as it is."""
     kwargs.setdefault("index", False)
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, **kwargs)
-    return Path(path)
+    return write_text(df.to_csv(**kwargs), path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a text file atomically."""
+    """Write a text file atomically; a file that already holds ``text`` is not touched.
+
+    Keeping an unchanged product's modification time lets the freshness checks downstream
+    (e.g. an OOF file reused while newer than its inputs) survive a rerun that changes nothing.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(text.encode()) and path.read_text() == text:
+        return path
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-    return Path(path)
+    return path
 
 
 def save_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
