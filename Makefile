@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow bench lint
+.PHONY: demo demo-hipmri test test-slow bench lint
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	PROFILE=demo PYTHON=$(PY) sh train.sh
+
+demo-hipmri: $(VENV)/.installed
+	PROFILE=demo PYTHON=$(PY) sh train.sh hipmri
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow" -q

@@ -12,7 +12,8 @@ after stage 1, the CV report after stage 2 and the patient head).
 ``--split test``: the pipeline's test-time chain on ``--data-dir`` when it has one (RSNA: the
 whole chain -> submission.csv), else this stage's fold-mean predictions on the data set's test
 rows. Intermediates go to ``<output_dir>/<pipeline>/test/<data folder>-<hash>/``, never into the
-training products; ``--out`` sets the submission / prediction file (default: in that folder).
+training products; ``--out`` sets the submission / prediction file or folder (default: in that
+folder).
 """
 
 from __future__ import annotations
@@ -90,11 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
     pipeline = load_pipeline(cfg.pipeline)
     if args.split == "test":
-        out = args.out or paths.submission_csv(cfg)
         if pipeline.test is not None:
-            pipeline.test(cfg, out)
+            out = pipeline.test(cfg, args.out)
         else:
-            test_predictions(run_config(cfg), out)
+            out = test_predictions(run_config(cfg), args.out or paths.test_preds_csv(cfg))
         print(f"test predictions: {out}")
         return
     run = run_config(cfg)

@@ -8,6 +8,11 @@ receives ``config.yaml``, ``train.log``, ``metrics.csv``, ``curves.png`` and ato
 
 With ``resume: auto`` a fold continues from ``last.pth`` when the saved config matches (a
 finished fold is skipped); a different config is an error naming the differing keys.
+
+Multi-process: ``torchrun --nproc_per_node=N train.py --CFG ...`` trains with DDP (NCCL on CUDA,
+gloo on CPU; ``utils/distributed.py``); ``train.batch_size`` stays the global batch, split over
+the processes; only rank 0 writes files; validation outputs are gathered in table order.
+See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from utils import paths
+from utils import distributed, paths
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import Config, ConfigError, diff_configs, load_config, save_config
+from utils.distributed import DistInfo
 from utils.engine import (
     autocast,
     make_loader,
@@ -40,7 +46,8 @@ from utils.folds import load_folds, with_folds
 from utils.io import write_csv
 from utils.plots import plot_curves
 from utils.registry import DATASETS, build_dataset, build_loss, build_model, load_pipeline
-from utils.seed import seed_everything
+from utils.seed import process_rank, seed_everything
+from utils.tracking import Tracker, make_tracker
 
 log = logging.getLogger("train")
 
@@ -90,11 +97,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int):
 
 
 # ---- epochs -------------------------------------------------------------------------------------
-def train_one_epoch(cfg, model, loader, loss_fn, opt, sched, scaler, device) -> float:
+def train_one_epoch(
+    cfg, model, loader, loss_fn, opt, sched, scaler, device, quiet: bool = False
+) -> float:
+    """One pass over ``loader``; returns the mean of the batch losses (of this process)."""
     model.train()
     total, n = 0.0, 0
     limit = cfg.train.max_train_batches
-    bar = tqdm(loader, desc="train", leave=False, disable=progress_off(cfg))
+    bar = tqdm(loader, desc="train", leave=False, disable=quiet or progress_off(cfg))
     for i, batch in enumerate(bar):
         if limit is not None and i >= limit:
             break
@@ -139,25 +149,47 @@ def resume_state(cfg: Config, run: Path) -> dict | None:
     return state
 
 
-def run_fold(cfg: Config, fold: int) -> float | None:
-    """Train one fold (or skip it when already trained); returns its best validation metric."""
+def run_fold(
+    cfg: Config,
+    fold: int,
+    device: torch.device | None = None,
+    info: DistInfo = distributed.SINGLE,
+) -> float | None:
+    """Train one fold (or skip it when already trained); returns its best validation metric.
+
+    Under DDP every rank reads the same ``last.pth`` (so all skip or resume alike); only rank 0
+    writes the run folder.
+    """
+    device = device or resolve_device(cfg.device)
     run = paths.run_dir(cfg, fold)
-    run.mkdir(parents=True, exist_ok=True)
+    if info.main:
+        run.mkdir(parents=True, exist_ok=True)
     state = resume_state(cfg, run)
     if state is not None and state["epoch"] + 1 >= cfg.train.epochs:
         log.info("fold %d already trained (%d epochs) in %s: skipping", fold, cfg.train.epochs, run)
         return state["best_metric"]
-    handler = add_file_log(run / "train.log")
+    handler = add_file_log(run / "train.log") if info.main else None
+    tracker = make_tracker(cfg, run, fold) if info.main else Tracker()
     try:
-        return _train_fold(cfg, fold, run, state)
+        return _train_fold(cfg, fold, run, state, device, info, tracker)
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        tracker.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
-def _train_fold(cfg: Config, fold: int, run: Path, state: dict | None) -> float:
-    save_config(cfg, run / "config.yaml")
-    device = resolve_device(cfg.device)
+def _train_fold(
+    cfg: Config,
+    fold: int,
+    run: Path,
+    state: dict | None,
+    device: torch.device,
+    info: DistInfo,
+    tracker: Tracker,
+) -> float:
+    if info.main:
+        save_config(cfg, run / "config.yaml")
     seed_everything(cfg.seed + 1000 * fold)
     train_rows, val_rows = split_table(cfg, fold)
     train_ds, val_ds = build_dataset(cfg, train_rows, True), build_dataset(cfg, val_rows, False)
@@ -170,9 +202,23 @@ def _train_fold(cfg: Config, fold: int, run: Path, state: dict | None) -> float:
         cfg.seed,
     )
 
+    # DDP: each process loads its share of the global batch; the ranks' k-th batches together
+    # are the single process's k-th batch (utils/distributed.py: train_sampler).
+    batch = distributed.per_rank_batch(cfg.train.batch_size, info)
+    sampler = distributed.train_sampler(len(train_ds), cfg.seed, info)
+    val_sampler = distributed.val_sampler(len(val_ds), info)
+    log.info(
+        "global batch %d (%d process%s x %d), peak lr %g",
+        cfg.train.batch_size,
+        info.world,
+        "es" if info.enabled else "",
+        batch,
+        cfg.train.lr,
+    )
+
     model = prepare_model(build_model(cfg), cfg, device)
     loss_fn = build_loss(cfg)
-    steps = len(make_loader(cfg, train_ds, True, 0))
+    steps = len(make_loader(cfg, train_ds, True, 0, sampler, batch))
     if cfg.train.max_train_batches is not None:
         steps = min(steps, cfg.train.max_train_batches)
     opt, sched = build_optimizer(cfg, model, steps)
@@ -185,24 +231,36 @@ def _train_fold(cfg: Config, fold: int, run: Path, state: dict | None) -> float:
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start, best, history = state["epoch"] + 1, state["best_metric"], state["history"]
+    model = distributed.wrap_model(model, info, device)  # after loading: plain state-dict keys
+    local = unwrap_model(model) if info.enabled else model  # validation needs no collectives
     sign = 1 if cfg.train.best_mode == "min" else -1
     evaluate = DATASETS.get(cfg.dataset.name).evaluate
 
     for epoch in range(start, cfg.train.epochs):
         t0 = time.perf_counter()
         seed_everything(cfg.seed + 1000 * fold + epoch)
+        loader = make_loader(cfg, train_ds, True, epoch, sampler, batch)
         train_loss = train_one_epoch(
-            cfg, model, make_loader(cfg, train_ds, True, epoch), loss_fn, opt, sched, scaler, device
+            cfg, model, loader, loss_fn, opt, sched, scaler, device, quiet=not info.main
         )
-        outs, val_loss = predict(cfg, model, make_loader(cfg, val_ds, False, 0), device, loss_fn)
-        row = {
-            "epoch": epoch + 1,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-        }
-        row.update({f"val_{k}": v for k, v in evaluate(outs, val_ds.table).items()})
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+        distributed.sync_buffers(local, info)  # validate with the BatchNorm statistics saved
+        val_loader = make_loader(cfg, val_ds, False, 0, val_sampler)
+        outs, val_loss = predict(cfg, local, val_loader, device, loss_fn, quiet=not info.main)
+        # DDP: the mean over ranks, and rank 0 joins the validation blocks in table order.
+        train_loss = distributed.mean_over_ranks(train_loss, info)
+        gathered = distributed.gather_predictions(outs, val_loss, len(val_loader.sampler), info)
+        row = None
+        if info.main:
+            outs, val_loss = gathered
+            row = {
+                "epoch": epoch + 1,
+                "lr": opt.param_groups[0]["lr"],
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+            }
+            row.update({f"val_{k}": v for k, v in evaluate(outs, val_ds.table).items()})
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+        row = distributed.broadcast(row, info)
         history.append(row)
         if cfg.train.best_metric not in row:
             raise SystemExit(
@@ -219,24 +277,28 @@ def _train_fold(cfg: Config, fold: int, run: Path, state: dict | None) -> float:
             " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
             " *" if improved else "",
         )
-        ckpt = {
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best_metric": best,
-            "metric": value,
-            "history": history,
-            "config": cfg.to_dict(),
-            "fold": fold,
-            "seed": cfg.seed,
-        }
-        save_checkpoint(ckpt, run / "last.pth")
-        if improved:
-            save_checkpoint(ckpt, run / "best.pth")
-        write_csv(pd.DataFrame(history), run / "metrics.csv")
-        plot_curves(pd.DataFrame(history), run / "curves.png", title=f"{cfg.exp_name} fold {fold}")
+        if info.main:
+            tracker.log(row, epoch + 1)
+            ckpt = {
+                "model": unwrap_model(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_metric": best,
+                "metric": value,
+                "history": history,
+                "config": cfg.to_dict(),
+                "fold": fold,
+                "seed": cfg.seed,
+            }
+            save_checkpoint(ckpt, run / "last.pth")
+            if improved:
+                save_checkpoint(ckpt, run / "best.pth")
+            write_csv(pd.DataFrame(history), run / "metrics.csv")
+            plot_curves(
+                pd.DataFrame(history), run / "curves.png", title=f"{cfg.exp_name} fold {fold}"
+            )
         if cfg.train.stop_after is not None and epoch + 1 - start >= cfg.train.stop_after:
             log.info(
                 "stopping after %d epochs (train.stop_after); resume: auto continues",
@@ -269,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Under torchrun only rank 0 logs (the others show warnings and errors).
+    level = logging.INFO if process_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.CFG, args.overrides)
     except ConfigError as err:
@@ -279,7 +343,12 @@ def main(argv: list[str] | None = None) -> None:
             f"error: {paths.folds_csv(cfg)} not found; run "
             f"python -m utils.fold_split --CFG {args.CFG} first"
         )
-    results = {k: run_fold(cfg, k) for k in folds_to_run(cfg, args.fold)}
+    info, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        results = {k: run_fold(cfg, k, device, info) for k in folds_to_run(cfg, args.fold)}
+        distributed.barrier(info)  # rank 0 has written the last checkpoint when torchrun returns
+    finally:
+        distributed.teardown(info)
     log.info(
         "best %s per fold: %s", cfg.train.best_metric, {k: round(v, 5) for k, v in results.items()}
     )

@@ -50,6 +50,9 @@ RUNTIME_KEYS = {
     "num_workers": "run",
     "train.stop_after": "run",
     "infer.viz_studies": "run",
+    "tracker.name": "run",
+    "tracker.project": "run",
+    "tracker.wandb_mode": "run",
 }
 CALL_KEYS = tuple(k for k, scope in RUNTIME_KEYS.items() if scope == "call")
 

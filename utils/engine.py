@@ -65,11 +65,18 @@ def batch_size_of(batch: dict[str, Any]) -> int:
 
 
 def make_loader(
-    cfg, ds: Dataset, train: bool, epoch: int = 0, sampler: Sampler | None = None
+    cfg,
+    ds: Dataset,
+    train: bool,
+    epoch: int = 0,
+    sampler: Sampler | None = None,
+    batch_size: int | None = None,
 ) -> DataLoader:
     """Shuffled (train) or ordered loader; the order depends only on ``seed + epoch``.
 
     ``sampler`` (e.g. a DistributedSampler) replaces the shuffling; it is told the epoch.
+    ``batch_size`` (a DDP process's share) replaces the config's; whether the last partial
+    training batch is dropped still follows the config's (global) ``train.batch_size``.
     """
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
@@ -78,7 +85,7 @@ def make_loader(
     bs = cfg["train"]["batch_size"] if train else cfg["infer"]["batch_size"]
     return DataLoader(
         ds,
-        batch_size=bs,
+        batch_size=batch_size or bs,
         shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train and len(ds) > bs,
@@ -133,16 +140,17 @@ def stream_predictions(
 
 @torch.inference_mode()
 def predict(
-    cfg, model, loader, device, loss_fn=None, desc: str = "predict"
+    cfg, model, loader, device, loss_fn=None, desc: str = "predict", quiet: bool = False
 ) -> tuple[dict[str, np.ndarray], float]:
     """Concatenated float32 outputs of one model over ``loader`` (+ the mean loss with ``loss_fn``).
 
     For validation sets, which fit in memory; large predictions go through ``stream_predictions``.
+    ``quiet`` hides the progress bar (DDP ranks other than 0).
     """
     model.eval()
     outs: dict[str, list[np.ndarray]] = {}
     total, n = 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off(cfg)):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=quiet or progress_off(cfg)):
         batch = to_device(batch, device, cfg["train"]["channels_last"])
         with autocast(cfg, device):
             out = model(batch)

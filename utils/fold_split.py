@@ -7,7 +7,7 @@ Usage (from the repository root)::
         [key=value ...]        # e.g. n_folds=5 seed=42 profile=demo
 
 The pipeline (the config's folder) says which column names a case and how cases are stratified
-and grouped; ``n_folds`` and ``seed`` come from the config. The default output is
+and grouped, or gives the data set's own split; ``n_folds`` and ``seed`` come from the config. The default output is
 ``<output_dir>/<pipeline>/folds.csv``. Re-running writes identical bytes; an existing file with
 a different assignment is only replaced with ``--force``, because stages trained on different
 folds leak validation cases into training.
@@ -65,9 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.CFG, overrides)
         pipeline = load_pipeline(cfg.pipeline)
         spec = pipeline.fold_inputs(cfg)
-        fold_table = folds.make_folds(
-            spec.table, pipeline.id_col, cfg.n_folds, cfg.seed, spec.strata, spec.groups
-        )
+        if spec.given is not None:
+            fold_table = folds.given_folds(spec.table, pipeline.id_col, spec.given)
+        else:
+            fold_table = folds.make_folds(
+                spec.table, pipeline.id_col, cfg.n_folds, cfg.seed, spec.strata, spec.groups
+            )
         out = args.out or paths.folds_csv(cfg)
         folds.save_folds(fold_table, out, force=args.force)
         if args.nnunet_splits:
@@ -83,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = folds.fold_summary(fold_table, spec.table, spec.summary)
     print(summary.to_string(float_format="{:.3f}".format))
-    print(f"wrote {out}: {len(fold_table)} cases in {cfg.n_folds} folds (seed {cfg.seed})")
+    how = "the data set's given split" if spec.given is not None else f"seed {cfg.seed}"
+    n = fold_table["fold"].nunique()
+    print(f"wrote {out}: {len(fold_table)} cases in {n} folds ({how})")
     return 0
 
 

@@ -72,6 +72,17 @@ def make_folds(
     return pd.DataFrame({id_col: ids, FOLD: fold})
 
 
+def given_folds(table: pd.DataFrame, id_col: str, fold: Sequence[int]) -> pd.DataFrame:
+    """A fold assignment fixed by the data set (one fold per row of ``table``), sorted by id."""
+    folds = pd.DataFrame({id_col: table[id_col].astype(str), FOLD: np.asarray(fold, np.int64)})
+    if folds[id_col].duplicated().any():
+        raise ValueError(f"{int(folds[id_col].duplicated().sum())} duplicated {id_col} values")
+    present = np.unique(folds[FOLD])
+    if not np.array_equal(present, np.arange(len(present))) or len(present) < 2:
+        raise ValueError(f"a given split needs folds 0..K-1 (K >= 2), got {present}")
+    return folds.sort_values(id_col, ignore_index=True)
+
+
 # ---- the fold file ------------------------------------------------------------------------------
 def load_folds(path: str | os.PathLike, id_col: str) -> pd.DataFrame:
     """Read and check a fold file: unique ids (as strings), folds 0..K-1 all present; sorted by id."""

@@ -87,12 +87,15 @@ PIPELINES = Registry("pipeline")
 class FoldInputs:
     """What utils/fold_split.py splits: one row per case, optional strata and groups (N,).
 
-    ``summary``: label columns of ``table`` whose per-fold mean is printed as a balance check.
+    ``given``: a fold per row fixed by the data set itself (e.g. its published train/validate
+    split), written as it is instead of drawn. ``summary``: label columns of ``table`` whose
+    per-fold mean is printed as a balance check.
     """
 
     table: pd.DataFrame
     strata: Any = None
     groups: Any = None
+    given: Any = None
     summary: tuple[str, ...] = ()
 
 
@@ -103,7 +106,8 @@ class Pipeline:
     ``id_col`` names a case in every table and in the fold file. ``fold_inputs(cfg)`` gives the
     cases to split; ``preprocess(argv)`` is its conversion's command line; ``after_oof(cfg)``
     (optional) writes reports once a stage's OOF predictions exist; ``test(cfg, out)``
-    (optional) runs the whole test-time chain on ``cfg.data_dir`` and writes a submission.
+    (optional) runs the whole test-time chain on ``cfg.data_dir``, writes its result to ``out``
+    (None: the pipeline's default place) and returns where it wrote.
     """
 
     name: str
@@ -111,7 +115,7 @@ class Pipeline:
     fold_inputs: Callable[[Config], FoldInputs]
     preprocess: Callable[[list[str] | None], Any]
     after_oof: Callable[[Config], Any] | None = None
-    test: Callable[[Config, Path], Any] | None = None
+    test: Callable[[Config, Path | None], Path] | None = None
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

@@ -241,6 +241,13 @@ def predict_stage1(s1: Config, uids: list[str], prep: Path) -> pd.DataFrame:
     return predict_frame(s1, load_models(s1).values(), table, prep=prep)
 
 
+def submit(cfg: Config, out: Path | None) -> Path:
+    """The pipeline's ``test`` hook: :func:`test_chain` into ``out`` (default: the test folder's)."""
+    out = Path(out) if out is not None else paths.submission_csv(cfg)
+    test_chain(cfg, out)
+    return out
+
+
 def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     """The whole test-time chain on ``cfg.data_dir`` -> ``out`` (intermediates in its test folder)."""
     stages = cfg.stages

@@ -19,6 +19,6 @@ PIPELINE = PIPELINES.register("rsna")(
         fold_inputs=fold_inputs,
         preprocess=preprocess_main,
         after_oof=chain.after_oof,
-        test=chain.test_chain,
+        test=chain.submit,
     )
 )
