@@ -45,7 +45,14 @@ from utils.engine import (
 from utils.folds import load_folds, with_folds
 from utils.io import write_csv
 from utils.plots import plot_curves
-from utils.registry import DATASETS, build_dataset, build_loss, build_model, load_pipeline
+from utils.registry import (
+    DATASETS,
+    build_dataset,
+    build_loss,
+    build_model,
+    check_components,
+    load_pipeline,
+)
 from utils.seed import process_rank, seed_everything
 from utils.tracking import Tracker, make_tracker
 
@@ -336,8 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.CFG, args.overrides)
-    except ConfigError as err:
+        check_components(cfg)  # before any run folder exists
+    except (ConfigError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyError as err:
+        raise SystemExit(f"error: {err.args[0]}") from None
     if not paths.folds_csv(cfg).is_file():
         raise SystemExit(
             f"error: {paths.folds_csv(cfg)} not found; run "

@@ -169,6 +169,42 @@ def test_a_second_test_set_leaves_the_training_products_untouched(
     assert (work / "stage2_labels_test.csv").is_file()
 
 
+def test_an_unreadable_test_study_gets_the_priors(head, tiny_data, ov, tmp_path, caplog):
+    """An empty study folder is named in the log and takes the train priors; the file is written."""
+    other = tmp_path / "damaged"
+    other.mkdir()
+    shutil.copy(tiny_data / "test.csv", other / "test.csv")
+    shutil.copy(tiny_data / "train.csv", other / "train.csv")
+    shutil.copytree(tiny_data / "test_images", other / "test_images")
+    rows = pd.read_csv(other / "test.csv")
+    broken = rows.StudyInstanceUID.iloc[0]
+    for f in (other / "test_images" / broken).iterdir():
+        f.unlink()
+    out = tmp_path / "sub.csv"
+    caplog.set_level(logging.WARNING)
+    cfg = "config/rsna/patient_head.yaml"
+    inference.main(
+        ["--CFG", cfg, "--split", "test", "--data-dir", str(other), "--out", str(out), *ov]
+    )
+    assert f"test study {broken} cannot be read" in caplog.text
+    sub = pd.read_csv(out)
+    assert sub.row_id.tolist() == rows.row_id.tolist()
+    prior = pd.read_csv(tiny_data / "train.csv").drop(columns="StudyInstanceUID").mean()
+    got = sub.set_index("row_id").fractured
+    for target, p in prior.items():
+        assert got[f"{broken}_{target}"] == pytest.approx(min(max(p, 1e-6), 1 - 1e-6))
+
+
+def test_unknown_component_is_a_one_line_error_before_any_run_folder(tiny_data, tiny_output):
+    ov = [*tiny_overrides(tiny_data, tiny_output), "exp_name=never_made", "model.name=resnet"]
+    with pytest.raises(SystemExit, match=r"^error: unknown model 'resnet'; valid: .*fracture_seq"):
+        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
+    ov[-1] = "model.params.dropuot=0.5"
+    with pytest.raises(SystemExit, match=r"^error: model 'vertebra_bbox_ratio' got unknown params"):
+        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
+    assert not (tiny_output / "rsna" / "never_made").exists()
+
+
 def _state(path):
     return load_checkpoint(path)["model"]
 

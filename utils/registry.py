@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,9 @@ class Registry:
             raise KeyError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
         return self._items[name]
 
-    def build(self, name: str, params: Mapping[str, Any] | None = None, **extra: Any) -> Any:
-        """Construct ``name`` with ``params`` (from the config) plus ``extra`` (from the code)."""
+    def check(self, name: str, keys: Iterable[str]) -> Callable[..., Any]:
+        """The factory ``name`` after checking that it takes every keyword in ``keys``."""
         factory = self.get(name)
-        kwargs = {**dict(params or {}), **extra}
         sig = inspect.signature(factory)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         valid = [
@@ -60,11 +59,17 @@ class Registry:
             for n, p in sig.parameters.items()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
-        unknown = sorted(set(kwargs) - set(valid))
+        unknown = sorted(set(keys) - set(valid))
         if unknown and not takes_any:
             raise TypeError(
                 f"{self.kind} '{name}' got unknown params {unknown}; valid: {', '.join(valid)}"
             )
+        return factory
+
+    def build(self, name: str, params: Mapping[str, Any] | None = None, **extra: Any) -> Any:
+        """Construct ``name`` with ``params`` (from the config) plus ``extra`` (from the code)."""
+        kwargs = {**dict(params or {}), **extra}
+        factory = self.check(name, kwargs)
         return factory(**{k: _plain(v) for k, v in kwargs.items()})
 
 
@@ -141,6 +146,24 @@ def load_pipeline(name: str) -> Pipeline:
     return PIPELINES.get(name)
 
 
+def check_components(cfg) -> None:
+    """Fail before any work when the config names an unknown pipeline, component or parameter.
+
+    Raises KeyError (unknown name) or TypeError (unknown ``params`` key) with the valid choices.
+    """
+    load_pipeline(cfg["pipeline"])
+    MODELS.check(cfg["model"]["name"], [*cfg["model"]["params"], *_model_extra(cfg)])
+    DATASETS.check(cfg["dataset"]["name"], [*cfg["dataset"]["params"], "table", "cfg", "train"])
+    LOSSES.check(cfg["loss"]["name"], cfg["loss"]["params"])
+
+
+def _model_extra(cfg) -> dict[str, Any]:
+    """Constructor arguments a model gets from elsewhere in the config (``in_chans``)."""
+    if "in_chans" in cfg["dataset"]["params"]:
+        return {"in_chans": cfg["dataset"]["params"]["in_chans"]}
+    return {}
+
+
 def build_model(cfg):
     """The model named by ``cfg.model.name`` built with ``cfg.model.params``.
 
@@ -148,10 +171,7 @@ def build_model(cfg):
     stacked slices is configured once and really reaches the encoder.
     """
     load_pipeline(cfg["pipeline"])
-    extra = {}
-    if "in_chans" in cfg["dataset"]["params"]:
-        extra["in_chans"] = cfg["dataset"]["params"]["in_chans"]
-    return MODELS.build(cfg["model"]["name"], cfg["model"]["params"], **extra)
+    return MODELS.build(cfg["model"]["name"], cfg["model"]["params"], **_model_extra(cfg))
 
 
 def build_dataset(cfg, table: pd.DataFrame, train: bool, **extra: Any):

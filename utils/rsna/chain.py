@@ -26,6 +26,7 @@ from utils.plots import plot_calibration, plot_localisation
 from utils.predict import load_models, predict_frame, read_predictions, run_config
 from utils.rsna import layout
 from utils.rsna.datasets import VERTEBRAE, slice_table, study_logit_table, train_priors
+from utils.rsna.dicom import StudyReadError
 from utils.rsna.localize import localize
 from utils.rsna.metric import (
     TARGETS,
@@ -219,19 +220,30 @@ def read_test_rows(data: Path) -> pd.DataFrame:
     return test[["row_id", "StudyInstanceUID", "prediction_type"]]
 
 
-def ensure_cached(s1: Config, uids: list[str], prep: Path) -> None:
-    """Read and cache the test studies not yet in ``prep`` (same settings as the training cache)."""
+def ensure_cached(s1: Config, uids: list[str], prep: Path) -> list[str]:
+    """Cache the test studies not yet in ``prep`` (same settings as the training cache).
+
+    Returns the studies that are cached; an unreadable one (e.g. an empty folder) is logged by
+    name and left out, so its rows take the train priors and the submission is still written.
+    """
     data = paths.data_dir(s1)
     check_cache_settings(prep, int(s1.cache.size), tuple(s1.cache.window))
+    cached = []
     for uid in uids:
         if not layout.volume_path(prep, uid).is_file():
-            process_study(
-                layout.study_dir(data, "test", uid),
-                "test",
-                prep,
-                int(s1.cache.size),
-                tuple(s1.cache.window),
-            )
+            try:
+                process_study(
+                    layout.study_dir(data, "test", uid),
+                    "test",
+                    prep,
+                    int(s1.cache.size),
+                    tuple(s1.cache.window),
+                )
+            except StudyReadError as err:
+                log.warning("test study %s cannot be read (%s): it gets the train priors", uid, err)
+                continue
+        cached.append(uid)
+    return cached
 
 
 def predict_stage1(s1: Config, uids: list[str], prep: Path) -> pd.DataFrame:
@@ -256,7 +268,7 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     root = layout.images_dir(paths.data_dir(cfg), "test")
     uids = [u for u in rows.StudyInstanceUID.unique() if (root / u).is_dir()]
     prep = layout.test_prep_dir(cfg)
-    ensure_cached(s1, uids, prep)
+    uids = ensure_cached(s1, uids, prep)  # the rest take the train priors in write_submission
     p1 = predict_stage1(s1, uids, prep)
     write_csv(p1, paths.test_preds_csv(cfg, s1.exp_name))
     loc = localize(p1, **s2.localize)
