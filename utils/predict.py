@@ -103,6 +103,17 @@ def output_columns(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return cols
 
 
+def prediction_block(
+    dataset_cls: Any, rows: pd.DataFrame, outputs: Mapping[str, np.ndarray]
+) -> pd.DataFrame:
+    """One batch as a table: the dataset's ``key_columns`` of ``rows``, then its output columns."""
+    block = rows[list(dataset_cls.key_columns)].reset_index(drop=True)
+    to_columns = getattr(dataset_cls, "output_columns", output_columns)
+    for name, col in to_columns(outputs).items():
+        block[name] = col
+    return block
+
+
 class CsvWriter:
     """Appends one CSV block per batch to a temporary file, published atomically on success.
 
@@ -113,8 +124,8 @@ class CsvWriter:
 
     def __init__(self, path: Path, dataset_cls: Any, trailing: Sequence[str] = ("fold",)):
         self.path = Path(path)
+        self.dataset_cls = dataset_cls
         self.keys = list(dataset_cls.key_columns)
-        self.to_columns = getattr(dataset_cls, "output_columns", output_columns)
         self.trailing = list(trailing)
         self._stack = contextlib.ExitStack()
         self._tmp: Path | None = None
@@ -130,9 +141,7 @@ class CsvWriter:
         return self._stack.__exit__(*exc)
 
     def write(self, rows: pd.DataFrame, outputs: Mapping[str, np.ndarray]) -> None:
-        block = rows[self.keys].reset_index(drop=True)
-        for name, col in self.to_columns(outputs).items():
-            block[name] = col
+        block = prediction_block(self.dataset_cls, rows, outputs)
         for name in self.trailing:
             if name in rows.columns:
                 block[name] = rows[name].to_numpy()
@@ -180,11 +189,10 @@ def make_writer(cfg: Config, path: Path, table: pd.DataFrame):
 def predict_frame(cfg: Config, models, table: pd.DataFrame, **dataset_extra: Any) -> pd.DataFrame:
     """Predictions on a table small enough for memory: key columns + output columns."""
     dataset_cls = DATASETS.get(cfg["dataset"]["name"])
-    to_columns = getattr(dataset_cls, "output_columns", output_columns)
-    parts = []
-    for rows, outputs in iter_predictions(cfg, list(models), table, **dataset_extra):
-        block = rows[list(dataset_cls.key_columns)].reset_index(drop=True)
-        parts.append(block.assign(**to_columns(outputs)))
+    parts = [
+        prediction_block(dataset_cls, rows, outputs)
+        for rows, outputs in iter_predictions(cfg, list(models), table, **dataset_extra)
+    ]
     if not parts:
         return table.reindex(columns=list(dataset_cls.key_columns)).iloc[:0]
     return pd.concat(parts, ignore_index=True)
