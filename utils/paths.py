@@ -9,6 +9,7 @@ Products live under ``<output_dir>/<pipeline>/`` so that pipelines never overwri
     cv_report.{md,json}  cv_calibration.png  oof_predictions.csv                     inference.py
     test/<data>-<hash>/...                     inference.py --split test: intermediates of one test
                                                data folder (cache, per-stage predictions, submission.csv)
+    nnunet/{raw,preprocessed,results}/         nnU-Net v2's three roots (utils/nnunet.py exports them)
 
 A test-time run therefore never writes into the training run's products, whatever folder it reads.
 """
@@ -83,6 +84,42 @@ def oof_csv(cfg: Cfg) -> Path:
 
 def calibration_png(cfg: Cfg) -> Path:
     return pipeline_dir(cfg) / "cv_calibration.png"
+
+
+# ---- nnU-Net v2 ---------------------------------------------------------------------------------
+NNUNET_ROOTS = ("raw", "preprocessed", "results")
+
+
+def nnunet_root(cfg: Cfg, kind: str) -> Path:
+    """nnU-Net's ``raw`` / ``preprocessed`` / ``results`` folder of this pipeline."""
+    if kind not in NNUNET_ROOTS:
+        raise ValueError(f"nnU-Net root must be one of {NNUNET_ROOTS}, got {kind!r}")
+    return pipeline_dir(cfg) / "nnunet" / kind
+
+
+def nnunet_dataset(cfg: Cfg) -> str:
+    """``Dataset<id>_<name>``: the dataset folder name under each nnU-Net root."""
+    nn = cfg["nnunet"]
+    if nn["dataset_id"] is None or not nn["dataset_name"]:
+        raise ValueError("nnunet.dataset_id and nnunet.dataset_name must be set")
+    return f"Dataset{int(nn['dataset_id']):03d}_{nn['dataset_name']}"
+
+
+def nnunet_raw_dataset(cfg: Cfg) -> Path:
+    """The raw dataset folder (dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/)."""
+    return nnunet_root(cfg, "raw") / nnunet_dataset(cfg)
+
+
+def nnunet_splits(cfg: Cfg) -> Path:
+    """``splits_final.json`` where nnUNetv2_train reads it (written from the pipeline's fold file)."""
+    return nnunet_root(cfg, "preprocessed") / nnunet_dataset(cfg) / "splits_final.json"
+
+
+def nnunet_model_dir(cfg: Cfg, trainer: str | None = None) -> Path:
+    """``results/Dataset…/<trainer>__<plans>__<configuration>/`` (holds fold_<k>/)."""
+    nn = cfg["nnunet"]
+    name = f"{trainer or nn['trainer']}__{nn['plans']}__{nn['configuration']}"
+    return nnunet_root(cfg, "results") / nnunet_dataset(cfg) / name
 
 
 # ---- test time ----------------------------------------------------------------------------------
