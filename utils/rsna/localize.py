@@ -27,7 +27,8 @@ from utils.rsna.metric import UID, VERTEBRAE
 from utils.rsna.preprocess import BOX_COLS
 
 log = logging.getLogger(__name__)
-COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", *BOX_COLS]
+# peak: the vertebra's highest smoothed ratio in its range (a weak one marks an unsure localisation).
+COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", "peak", *BOX_COLS]
 SKIP_PROB = (
     0.1  # prior probability per vertebra missing above the first one seen (ordered decoding)
 )
@@ -127,10 +128,13 @@ def localize_study(
     dx, dy = margin * max(x1 - x0, 1e-3), margin * max(y1 - y0, 1e-3)
     box = np.clip([x0 - dx, y0 - dy, x1 + dx, y1 + dy], 0.0, 1.0)
     rows = []
-    for v, mask in zip(VERTEBRAE, masks, strict=True):
+    for i, (v, mask) in enumerate(zip(VERTEBRAE, masks, strict=True)):
         run = longest_run(mask)
         if run is not None:
-            rows.append([v, int(slices[run[0]]), int(slices[run[1]]), run[1] - run[0] + 1, *box])
+            peak = float(ratios[run[0] : run[1] + 1, i].max())
+            rows.append(
+                [v, int(slices[run[0]]), int(slices[run[1]]), run[1] - run[0] + 1, peak, *box]
+            )
     return pd.DataFrame(rows, columns=COLUMNS[1:])
 
 
