@@ -21,6 +21,7 @@ import pandas as pd
 
 from utils import paths
 from utils.config import load_config
+from utils.errors import InputError, user_errors
 from utils.io import write_csv
 from utils.rsna import layout
 from utils.rsna.metric import UID, VERTEBRAE
@@ -155,7 +156,10 @@ def localize(
 
 def make_stage2_labels(cfg) -> pd.DataFrame:
     """Localise the stage-1 OOF predictions and write ``stage2_labels_oof.csv``."""
-    preds = pd.read_csv(paths.preds_csv(cfg, cfg["stages"]["vertebra"]), dtype={UID: str})
+    source = paths.preds_csv(cfg, cfg["stages"]["vertebra"])
+    if not source.is_file():
+        raise InputError(f"{source} not found: run the stage-1 OOF pass (inference.py) first")
+    preds = pd.read_csv(source, dtype={UID: str})
     table = localize(preds, **cfg["localize"])
     n_studies = preds[UID].nunique()
     found = table.groupby(UID).size()
@@ -178,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.CFG, args.overrides)
-    make_stage2_labels(cfg)
+    with user_errors():
+        cfg = load_config(args.CFG, args.overrides)
+        make_stage2_labels(cfg)
     print(f"wrote {layout.stage2_labels_csv(cfg, 'oof')}")
 
 

@@ -36,7 +36,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import paths
-from utils.config import ConfigError, load_config, progress_off
+from utils.config import load_config, progress_off
+from utils.errors import user_errors
 from utils.io import save_npy, write_csv, write_text
 from utils.rsna import layout
 from utils.rsna.dicom import StudyReadError, load_study, window
@@ -312,10 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    try:
+    with user_errors():
         cfg = load_config(CONFIG, overrides)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
     prep = args.out_dir or paths.prep_dir(cfg)
     preprocess(paths.data_dir(cfg), prep, cfg, workers=args.workers)
     print(

@@ -961,7 +961,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    summary = generate(args.out, args.preset, args.seed, args.workers, args.overwrite)
+    try:
+        summary = generate(args.out, args.preset, args.seed, args.workers, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps(summary))
     return summary
 
