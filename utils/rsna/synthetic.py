@@ -141,15 +141,15 @@ STYLES = {
     # Demo styles: subtle cracks (partial-volume contrast, part of the height, thin) on two
     # different anatomies/acquisitions.
     "subtle": Style(
-        crack_width=(0.6, 1.0), crack_contrast=(0.35, 0.9), crack_extent=(0.35, 1.0),
-        noise=(10.0, 22.0), blur=(0.0, 0.8),
+        crack_width=(0.9, 1.3), crack_contrast=(0.6, 1.0), crack_extent=(0.6, 1.0),
+        noise=(10.0, 16.0), blur=(0.0, 0.4),
     ),
     "lean": Style(
         height=(1.0, 1.2), c_share=(0.78, 0.9), size=(0.82, 1.0), rotation=(-12.0, 12.0),
         soft=(45.0, 65.0), cortical=(650.0, 900.0), cancellous=(280.0, 380.0),
-        noise=(14.0, 26.0), thickness=(1.0, 1.6), blur=(0.3, 1.0), z_samples=2,
-        crack_width=(0.6, 1.1), crack_contrast=(0.35, 0.9), crack_extent=(0.35, 1.0),
-        crack_slope=(-0.3, 0.3),
+        noise=(12.0, 18.0), thickness=(1.0, 1.4), blur=(0.2, 0.5), z_samples=2,
+        crack_width=(0.9, 1.3), crack_contrast=(0.6, 1.0), crack_extent=(0.6, 1.0),
+        crack_slope=(-0.25, 0.25),
     ),
     # Never used for training: scored by the cross-style report.
     "unseen": Style(
