@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -295,24 +296,23 @@ def test_cli_runs_by_path():
     assert "--preset" in result.stdout and "--overwrite" in result.stdout
 
 
-def test_demo_mixes_its_styles_and_unseen_is_another():
-    demo = PRESETS["demo"]
-    styles = [study_style(s, demo, 0) for s in plan_dataset(demo, seed=0)]
-    assert set(styles) == {"classic", "subtle", "lean"}
-    assert min(styles.count(name) for name in set(styles)) > 20
-    assert "unseen" not in demo.styles and PRESETS["unseen"].styles == ("unseen",)
-    for name in demo.styles:  # the unseen style is outside every training range of these keys
+def test_styles_are_drawn_per_study_and_unseen_is_outside_the_demo():
+    mixed = replace(PRESETS["demo"], styles=("classic", "subtle", "lean"))
+    styles = [study_style(s, mixed, 0) for s in plan_dataset(mixed, seed=0)]
+    assert min(styles.count(name) for name in mixed.styles) > 20
+    assert {study_style(s, PRESETS["demo"], 0) for s in plan_dataset(PRESETS["demo"], 0)} == {
+        "classic"
+    }
+    assert PRESETS["unseen"].styles == ("unseen",)
+    for name in mixed.styles:  # the unseen style lies outside these training ranges
         train, unseen = STYLES[name], STYLES["unseen"]
         assert unseen.noise[0] > train.noise[1] - 5 and unseen.crack_slope[0] > train.crack_slope[0]
 
 
 def test_subtle_cracks_keep_part_of_the_bone_and_unseen_studies_are_blurred():
     demo = PRESETS["demo"]
-    subtle = [
-        make_geometry(s, demo, seed=0)
-        for s in plan_dataset(demo, 0)
-        if any(s.labels) and study_style(s, demo, 0) == "subtle"
-    ]
+    demo = replace(demo, styles=("subtle",))
+    subtle = [make_geometry(s, demo, seed=0) for s in plan_dataset(demo, 0) if any(s.labels)]
     cracks = [c for geom in subtle for level in geom.levels for c in level.cracks]
     assert cracks and all(0.6 <= c.contrast <= 1.0 for c in cracks)
     geom, level = next(
