@@ -126,7 +126,7 @@ def _snapshot(root) -> dict[str, bytes]:
 
 
 def test_a_second_test_set_leaves_the_training_products_untouched(
-    head, tiny_data, tiny_output, tiny_ov, tmp_path
+    tiny_head, tiny_data, tiny_output, tiny_ov, tmp_path
 ):
     """`--split test --data-dir OTHER` keeps its cache and intermediates in its own folder."""
     other = tmp_path / "second_test_set"
