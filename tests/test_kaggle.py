@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from utils import paths
-from utils.rsna import kaggle_bundle
+from utils.rsna import kaggle, kaggle_bundle
 from utils.rsna.kaggle import SLUG, find_competition
 from utils.rsna.metric import TARGETS, validate_submission
 
@@ -100,6 +100,33 @@ def test_wheel_requirements_leave_out_kaggles_torch():
     assert {"timm", "pydicom", "python-gdcm", "huggingface-hub", "numpy"} <= set(pins)
     assert not {"torch", "torchvision", "triton"} & set(pins)
     assert not any(name.startswith("nvidia-") for name in pins)
+
+
+def test_a_failing_chain_still_writes_every_row_with_its_prior(
+    tiny_data, tmp_path, monkeypatch, caplog
+):
+    code = tmp_path / "code"
+    (code / "runs" / "rsna").mkdir(parents=True)
+    config = str(ROOT / "config" / "rsna" / "patient_head.yaml")
+    manifest = {"config": config, "profile": "tiny", "runs": "runs"}
+    (code / "bundle.json").write_text(json.dumps(manifest))
+    root = tmp_path / "kaggle"
+    comp = root / "input" / SLUG
+    comp.mkdir(parents=True)
+    for name in ("test.csv", "train.csv"):
+        shutil.copy(tiny_data / name, comp / name)
+
+    def broken(argv):
+        raise RuntimeError("the bundle is broken")
+
+    monkeypatch.setattr(kaggle, "CODE_ROOT", code)
+    monkeypatch.setattr(kaggle.inference, "main", broken)
+    monkeypatch.setenv("KAGGLE_ROOT", str(root))
+    assert kaggle.main([]) == 0
+    test = pd.read_csv(comp / "test.csv")
+    sub = read_submission(root, test)
+    np.testing.assert_allclose(sub.fractured, priors_of(tiny_data / "train.csv", test))
+    assert "the bundle is broken" in caplog.text
 
 
 # ---- the notebook -------------------------------------------------------------------------------
@@ -194,6 +221,7 @@ def test_notebook_on_a_full_test_csv_and_with_a_tiny_budget(
     sub = read_submission(root, test)
     np.testing.assert_allclose(sub.fractured, priors)
     assert "time budget (0.001 s) spent after 0 of 2 studies" in log
+    assert "chain failed" not in log
     for uid in listed.StudyInstanceUID.unique():
         assert uid in log
 

@@ -32,7 +32,7 @@ from utils import paths
 from utils.config import load_config
 from utils.rsna.chain import read_test_rows, write_submission
 from utils.rsna.datasets import train_priors
-from utils.rsna.metric import UID
+from utils.rsna.metric import TARGETS, UID
 
 log = logging.getLogger("kaggle")
 SLUG = "rsna-2022-cervical-spine-fracture-detection"
@@ -90,7 +90,7 @@ def link_runs(runs: Path, output: Path) -> None:
 def write_priors_only(cfg, data: Path, out: Path) -> pd.DataFrame:
     """Every test.csv row with its train prior (the submission of last resort)."""
     return write_submission(
-        read_test_rows(data), pd.DataFrame(columns=[UID]), train_priors(cfg), out
+        read_test_rows(data), pd.DataFrame(columns=[UID, *TARGETS]), train_priors(cfg), out
     )
 
 

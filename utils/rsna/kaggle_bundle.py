@@ -76,7 +76,9 @@ INFERENCE_PACKAGES = [
 ]
 # Provided by Kaggle's GPU image and tied to its CUDA driver: never shipped, never replaced.
 KAGGLE_PROVIDED = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+# Kaggle's image is Ubuntu 22.04 (glibc 2.35): any manylinux wheel up to 2.35 runs there.
+GLIBC_MINORS = (35, 34, 31, 28, 27, 17)
+PLATFORMS = (*(f"manylinux_2_{m}_x86_64" for m in GLIBC_MINORS), "manylinux2014_x86_64")
 
 
 def canonical(name: str) -> str:
