@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from utils import paths
+from utils.checkpoint import load_checkpoint
 from utils.rsna import kaggle, kaggle_bundle
 from utils.rsna.kaggle import SLUG, find_competition
 from utils.rsna.metric import TARGETS, validate_submission
@@ -84,6 +85,8 @@ def test_code_bundle_holds_code_runs_priors_and_metadata(code_bundle, tiny_head)
         for fold in (0, 1):
             run = code_bundle / manifest["runs"] / "rsna" / exp / f"fold{fold}"
             assert sorted(p.name for p in run.iterdir()) == ["best.pth", "config.yaml"]
+            state = load_checkpoint(run / "best.pth")
+            assert set(state) == set(kaggle_bundle.INFERENCE_KEYS)  # no optimizer state
     assert (code_bundle / manifest["runs"] / "rsna" / "train_priors.json").is_file()
     assert (code_bundle / "inference.py").is_file() and (
         code_bundle / "utils/rsna/kaggle.py"
@@ -215,6 +218,7 @@ def test_notebook_on_a_full_test_csv_and_with_a_tiny_budget(
     run_notebook(root, monkeypatch)
     sub = read_submission(root, test)
     assert not np.allclose(sub.fractured, priors)  # the studies were predicted
+    assert not list((root / "working").rglob("*.npy"))  # no study cache left in working/
 
     paths.kaggle_submission(root).unlink()
     log = run_notebook(root, monkeypatch, ("submit.budget_s=0.001",))

@@ -53,6 +53,7 @@ RUNTIME_KEYS = {
     "submit.stage1_stride": "run",
     "submit.budget_s": "run",
     "submit.warmup_studies": "run",
+    "submit.keep_cache": "run",
     "tracker.name": "run",
     "tracker.project": "run",
     "tracker.wandb_mode": "run",

@@ -284,7 +284,8 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     patient head on all of them. A :class:`~utils.budget.TimeGuard` over ``submit.budget_s``
     drops fold models when the studies left would not fit, and stops when the next one would
     not; every study not predicted (unreadable, failed, out of time) is named in the log and
-    takes the train priors, so the submission is always written. The calling config's
+    takes the train priors, so the submission is always written. With ``submit.keep_cache:
+    false`` each study's cached volume is deleted once it is predicted. The calling config's
     ``submit.*`` keys apply; each stage otherwise runs as it was trained, without loader workers
     (one cached study is a handful of batches).
     """
@@ -329,6 +330,8 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
             failed.append(uid)
             continue
         guard.record((t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), models)
+        if not plan.keep_cache:
+            layout.volume_path(prep, uid).unlink()
         p1s.append(p1), locs.append(loc), p2s.append(p2), done.append(uid)
     if failed and not done:
         raise SystemExit(f"error: every test study failed ({len(failed)}; see the log above)")

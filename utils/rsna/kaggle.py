@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"profile={manifest['profile']}",
         f"data_dir={data}",
         f"output_dir={output}",
+        "submit.keep_cache=false",  # the hidden test's cache would not fit in working/
         *args.overrides,
     ]
     log.info("input root %s, competition folder %s, submission %s", root, data, out)

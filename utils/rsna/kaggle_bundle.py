@@ -7,7 +7,7 @@ Usage::
 
 - ``code``: ``<out>/code/`` = the inference code (the git-tracked files of ``CODE_PATHS``), the
   trained runs of every stage of ``CONFIG`` (``runs/rsna/<exp>/fold<k>/{best.pth,config.yaml}``,
-  the ``infer.checkpoint`` kind only), the saved train priors, ``bundle.json`` (config, profile,
+  the ``infer.checkpoint`` kind only, weights and config without the optimizer state), the saved train priors, ``bundle.json`` (config, profile,
   runs folder, commit) and ``dataset-metadata.json``. ``key=value`` overrides select the runs
   (e.g. ``output_dir=...``, ``profile=demo``).
 - ``wheels``: ``<out>/wheels/`` = ``requirements-kaggle.txt`` (every distribution the inference
@@ -35,6 +35,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from utils import paths
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.io import write_text
 from utils.predict import trained_folds
@@ -51,6 +52,8 @@ CODE_PATHS = (
     "models",
     "config",
 )  # what `python -m utils.rsna.kaggle` imports
+# Checkpoint entries inference reads (utils/predict.py); optimizer and scheduler state stay home.
+INFERENCE_KEYS = ("model", "config", "fold", "seed", "epoch")
 CODE_SLUG, WHEELS_SLUG = "rsna-2022-fracture-code", "rsna-2022-fracture-wheels"
 # Distributions the inference code imports (requirements.txt names); their dependencies follow.
 # Left out: torch and torchvision (Kaggle's CUDA build stays), nnunetv2 and
@@ -147,9 +150,9 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
         for fold in folds:
             src = paths.run_dir(cfg, fold, exp)
             dst = code / runs / cfg.pipeline / exp / src.name
-            dst.mkdir(parents=True)
-            for name in (f"{kind}.pth", "config.yaml"):
-                shutil.copy2(src / name, dst / name)
+            state = load_checkpoint(src / f"{kind}.pth")
+            save_checkpoint({k: state[k] for k in INFERENCE_KEYS}, dst / f"{kind}.pth")
+            shutil.copy2(src / "config.yaml", dst / "config.yaml")
         log.info("%s: folds %s", exp, folds)
     priors = layout.priors_json(cfg)
     if priors.is_file():
