@@ -332,7 +332,10 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
         guard.record((t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), models)
         if not plan.keep_cache:
             layout.volume_path(prep, uid).unlink()
-        p1s.append(p1), locs.append(loc), p2s.append(p2), done.append(uid)
+        p1s.append(p1)
+        locs.append(loc)
+        p2s.append(p2)
+        done.append(uid)
     if failed and not done:
         raise SystemExit(f"error: every test study failed ({len(failed)}; see the log above)")
     p1 = pd.concat(p1s, ignore_index=True) if p1s else pd.DataFrame(columns=[UID, "slice"])
