@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--python", default="3.11", help="Kaggle image's Python (major.minor)")
     parser.add_argument("--owner", default=None, help="Kaggle user (default: kernel-metadata's)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (runs)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     meta = owner_metadata(args.owner)
     owner = meta["id"].split("/")[0]
