@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-hipmri test test-slow bench lint
+.PHONY: demo demo-hipmri test test-slow bench lint kaggle-bundle
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ demo: $(VENV)/.installed
 
 demo-hipmri: $(VENV)/.installed
 	PROFILE=demo PYTHON=$(PY) sh train.sh hipmri
+
+# Kaggle submission (docs/kaggle.md): output/kaggle/{code,wheels,kernel}/ from the runs in output/rsna.
+# KAGGLE_PYTHON: the Kaggle image's Python the wheels are downloaded for; KAGGLE_OWNER: your Kaggle
+# user (default: the owner in kaggle/kernel-metadata.json); PROFILE: the profile the runs were trained with.
+KAGGLE_PYTHON ?= 3.11
+PROFILE ?= demo
+kaggle-bundle: $(VENV)/.installed
+	$(PY) -m utils.rsna.kaggle_bundle all --out output/kaggle --python $(KAGGLE_PYTHON) \
+		$(if $(KAGGLE_OWNER),--owner $(KAGGLE_OWNER)) profile=$(PROFILE)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow" -q

@@ -3,7 +3,7 @@
 Usage::
 
     python -m bench.bench_inference [--slices 300] [--size 512] [--repeat 3] [--warmup 1]
-        [--threads 2] [--quick]
+        [--threads 2] [--stride 1] [--quick]
 
 Writes the ``bench`` study of ``utils.rsna.synthetic`` (seed 0: 300 slices of 512 x 512, JPEG
 Lossless SV1) as a TEST study, with a matching 8-row ``test.csv`` and a one-row ``train.csv``
@@ -116,9 +116,12 @@ def make_test_data(root: Path, n_slices: int, size: int) -> str:
     return spec.uid
 
 
-def recipe_configs(recipe: str, data: Path, out: Path, quick: bool) -> list[Config]:
+def recipe_configs(
+    recipe: str, data: Path, out: Path, quick: bool, stride: int = 1
+) -> list[Config]:
     """The resolved configs of stage 1, stage 2 and the patient head for ``recipe``."""
     common = [f"profile={recipe}", f"data_dir={data}", f"output_dir={out}", "progress=false"]
+    common += [f"submit.stage1_stride={stride}", "submit.budget_s=null"]
     configs = []
     for name in STAGES:
         extra = QUICK_FULL[name] if quick and recipe == "full" else ()
@@ -224,10 +227,17 @@ class RecipeResult:
 
 
 def time_recipe(
-    recipe: str, data: Path, out: Path, uid: str, repeat: int, warmup: int, quick: bool
+    recipe: str,
+    data: Path,
+    out: Path,
+    uid: str,
+    repeat: int,
+    warmup: int,
+    quick: bool,
+    stride: int = 1,
 ) -> RecipeResult:
     """Median step seconds of ``repeat`` test_chain runs after ``warmup`` untimed ones."""
-    s1, s2, head = recipe_configs(recipe, data, out, quick)
+    s1, s2, head = recipe_configs(recipe, data, out, quick, stride)
     for cfg in (s1, s2, head):
         save_untrained_fold(cfg)
     for _ in range(warmup):
@@ -264,6 +274,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="small study and sizes (smoke test)")
+    parser.add_argument("--stride", type=int, default=1, help="submit.stage1_stride (test-time)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -279,11 +290,13 @@ def main() -> None:
         written = time.perf_counter() - start
         for recipe, runs in (("demo", repeat), ("full", 1)):
             out = Path(tmp) / f"out_{recipe}"
-            results[recipe] = time_recipe(recipe, data, out, uid, runs, args.warmup, args.quick)
+            results[recipe] = time_recipe(
+                recipe, data, out, uid, runs, args.warmup, args.quick, args.stride
+            )
 
     print(
         f"study: utils.rsna.synthetic bench, {n_slices} slices {size}x{size} JPEG Lossless SV1 "
-        f"(written in {written:.0f} s); torch {args.threads} threads; demo median of "
+        f"(written in {written:.0f} s); stage-1 stride {args.stride}; torch {args.threads} threads; demo median of "
         f"{repeat}, full 1 run, after {args.warmup} warm-up; "
         f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}"
     )

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic RSNA data set, preprocessed once per test session."""
+"""Shared fixtures: one tiny synthetic RSNA data set, preprocessed once per test session, and
+tiny trained runs of every stage on it (trained once, on first use)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,51 @@ def tiny_output(tiny_data, tmp_path_factory) -> Path:
 
 def tiny_overrides(data: Path, output: Path) -> list[str]:
     return ["profile=tiny", f"data_dir={data}", f"output_dir={output}", "n_folds=2"]
+
+
+# Tiny models learn little in one epoch: accept (nearly) every slice as a vertebra so stage 2 has input.
+LOCALIZE = ["localize.vert_thresh=0.001"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ov(tiny_data, tiny_output) -> list[str]:
+    """Overrides of the tiny trained runs."""
+    return tiny_overrides(tiny_data, tiny_output) + LOCALIZE
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1(tiny_ov):
+    """Stage 1 trained on the tiny data (both folds) with its OOF predictions."""
+    import inference
+    import train
+
+    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *tiny_ov])
+    inference.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--split", "oof", *tiny_ov])
+    return load_config("config/rsna/stage1_vertebra.yaml", tiny_ov)
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2(tiny_stage1, tiny_ov):
+    """Stage 2 trained on the stage-1 OOF localisation, with its OOF predictions."""
+    import inference
+    import train
+    from utils.rsna.localize import main as stage2_labels_main
+
+    stage2_labels_main(["--CFG", "config/rsna/stage2_fracture.yaml", *tiny_ov])
+    train.main(["--CFG", "config/rsna/stage2_fracture.yaml", *tiny_ov])
+    inference.main(["--CFG", "config/rsna/stage2_fracture.yaml", "--split", "oof", *tiny_ov])
+    return load_config("config/rsna/stage2_fracture.yaml", tiny_ov)
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tiny_stage2, tiny_ov):
+    """The patient head on the stage-2 OOF predictions: the whole chain is trained."""
+    import inference
+    import train
+
+    train.main(["--CFG", "config/rsna/patient_head.yaml", *tiny_ov])
+    inference.main(["--CFG", "config/rsna/patient_head.yaml", "--split", "oof", *tiny_ov])
+    return load_config("config/rsna/patient_head.yaml", tiny_ov)
 
 
 @pytest.fixture

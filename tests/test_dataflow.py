@@ -26,7 +26,7 @@ from utils.folds import load_folds
 from utils.predict import load_models, predict_frame, run_config
 from utils.registry import build_loss
 from utils.rsna import layout
-from utils.rsna.chain import read_test_rows, write_submission
+from utils.rsna.chain import read_test_rows, studies_to_predict, write_submission
 from utils.rsna.datasets import (
     VertebraSequences,
     VertebraSlices,
@@ -116,21 +116,20 @@ def _test_layout(root, test_uids: list[str], present: list[str]):
     return rows
 
 
-def test_placeholder_test_csv_falls_back_to_the_studies_in_test_images(tmp_path):
+def test_placeholder_test_csv_predicts_the_studies_in_test_images_and_keeps_its_rows(tmp_path):
     present = ["1.2.826.7", "1.2.826.30", "1.2.826.5"]
-    _test_layout(tmp_path / "placeholder", ["1.2.826.999"], present)
+    listed = _test_layout(tmp_path / "placeholder", ["1.2.826.999"], present)
     rows = read_test_rows(tmp_path / "placeholder")
-    assert list(rows.columns) == ["row_id", "StudyInstanceUID", "prediction_type"]
-    assert len(rows) == 8 * len(present)
-    assert set(rows.StudyInstanceUID) == set(present)
-    assert (rows.row_id == rows.StudyInstanceUID + "_" + rows.prediction_type).all()
-    for uid, g in rows.groupby("StudyInstanceUID", sort=False):
-        assert g.prediction_type.tolist() == TARGET_ORDER, uid
+    assert list(rows.itertuples(index=False, name=None)) == listed
+    assert studies_to_predict(rows, tmp_path / "placeholder") == sorted(present)
 
-    # A test.csv naming studies that are present (even with one absent) is kept as it is.
-    listed = _test_layout(tmp_path / "real", ["1.2.826.5", "1.2.826.404"], ["1.2.826.5"])
+    # A test.csv naming studies that are present (even with one absent): those, in its order.
+    listed = _test_layout(
+        tmp_path / "real", ["1.2.826.5", "1.2.826.404", "1.2.826.30"], ["1.2.826.30", "1.2.826.5"]
+    )
     rows = read_test_rows(tmp_path / "real")
     assert list(rows.itertuples(index=False, name=None)) == listed
+    assert studies_to_predict(rows, tmp_path / "real") == ["1.2.826.5", "1.2.826.30"]
 
 
 # ---- fault 3: reversed studies in the volume cache -------------------------------------------------

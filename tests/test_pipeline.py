@@ -18,43 +18,12 @@ from utils import paths
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.rsna import chain, layout
-from utils.rsna.localize import main as stage2_labels_main
 from utils.rsna.metric import validate_submission
 
-# Tiny models learn little in one epoch: accept (nearly) every slice as a vertebra so stage 2 has input.
-LOCALIZE = ["localize.vert_thresh=0.001"]
 
-
-@pytest.fixture(scope="module")
-def ov(tiny_data, tiny_output):
-    return tiny_overrides(tiny_data, tiny_output) + LOCALIZE
-
-
-@pytest.fixture(scope="module")
-def stage1(ov):
-    train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
-    inference.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--split", "oof", *ov])
-    return load_config("config/rsna/stage1_vertebra.yaml", ov)
-
-
-@pytest.fixture(scope="module")
-def stage2(stage1, ov):
-    stage2_labels_main(["--CFG", "config/rsna/stage2_fracture.yaml", *ov])
-    train.main(["--CFG", "config/rsna/stage2_fracture.yaml", *ov])
-    inference.main(["--CFG", "config/rsna/stage2_fracture.yaml", "--split", "oof", *ov])
-    return load_config("config/rsna/stage2_fracture.yaml", ov)
-
-
-@pytest.fixture(scope="module")
-def head(stage2, ov):
-    train.main(["--CFG", "config/rsna/patient_head.yaml", *ov])
-    inference.main(["--CFG", "config/rsna/patient_head.yaml", "--split", "oof", *ov])
-    return load_config("config/rsna/patient_head.yaml", ov)
-
-
-def test_stage1_run_folder_and_oof(stage1, tiny_output):
+def test_stage1_run_folder_and_oof(tiny_stage1, tiny_output):
     for fold in (0, 1):
-        run = paths.run_dir(stage1, fold)
+        run = paths.run_dir(tiny_stage1, fold)
         for name in (
             "config.yaml",
             "train.log",
@@ -74,7 +43,7 @@ def test_stage1_run_folder_and_oof(stage1, tiny_output):
         assert {"train_loss", "val_loss", "val_ratio_mae", "val_box_mae", "lr"} <= set(
             metrics.columns
         )
-    preds = pd.read_csv(paths.preds_csv(stage1))
+    preds = pd.read_csv(paths.preds_csv(tiny_stage1))
     folds = pd.read_csv(tiny_output / "rsna" / "folds.csv")
     studies = pd.read_csv(tiny_output / "rsna" / "prep" / "studies.csv")
     # Every train study predicted, each by the model of its own (held-out) fold, every slice once.
@@ -86,10 +55,10 @@ def test_stage1_run_folder_and_oof(stage1, tiny_output):
         merged["n"] == studies.set_index("StudyInstanceUID").loc[merged.index, "n_slices"]
     ).all()
     assert preds[["x0", "C1", "C7"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert list(paths.viz_dir(stage1).glob("*.png"))
+    assert list(paths.viz_dir(tiny_stage1).glob("*.png"))
 
 
-def test_stage2_and_cv_report(head, tiny_output):
+def test_stage2_and_cv_report(tiny_head, tiny_output):
     report = json.loads((tiny_output / "rsna" / "cv_report.json").read_text())
     for key in (
         "oof_metric",
@@ -111,7 +80,9 @@ def test_stage2_and_cv_report(head, tiny_output):
     assert oof[["patient_overall", "C1"]].notna().all().all()
 
 
-def test_submission_with_a_study_without_detections(head, tiny_data, tiny_output, ov, monkeypatch):
+def test_submission_with_a_study_without_detections(
+    tiny_head, tiny_data, tiny_output, tiny_ov, monkeypatch
+):
     rows = pd.read_csv(tiny_data / "test.csv")
     blind = rows.StudyInstanceUID.iloc[0]
     original = chain.predict_stage1
@@ -124,13 +95,23 @@ def test_submission_with_a_study_without_detections(head, tiny_data, tiny_output
     monkeypatch.setattr(chain, "predict_stage1", no_vertebra_in_blind_study)
     out = tiny_output / "rsna" / "submission.csv"
     inference.main(
-        ["--CFG", "config/rsna/stage2_fracture.yaml", "--split", "test", "--out", str(out), *ov]
+        [
+            "--CFG",
+            "config/rsna/stage2_fracture.yaml",
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            *tiny_ov,
+        ]
     )
     sub = pd.read_csv(out)
     assert sub.row_id.tolist() == rows.row_id.tolist()  # test.csv order
     validate_submission(sub, rows[["row_id"]].assign(fractured=0.0))
     assert sub.fractured.between(1e-6, 1 - 1e-6).all()
-    loc = pd.read_csv(layout.stage2_labels_csv(load_config("config/rsna/base.yaml", ov), "test"))
+    loc = pd.read_csv(
+        layout.stage2_labels_csv(load_config("config/rsna/base.yaml", tiny_ov), "test")
+    )
     assert blind not in set(loc.StudyInstanceUID)
     assert sub[sub.row_id.str.startswith(blind)].fractured.gt(0).all()
 
@@ -145,7 +126,7 @@ def _snapshot(root) -> dict[str, bytes]:
 
 
 def test_a_second_test_set_leaves_the_training_products_untouched(
-    head, tiny_data, tiny_output, ov, tmp_path
+    tiny_head, tiny_data, tiny_output, tiny_ov, tmp_path
 ):
     """`--split test --data-dir OTHER` keeps its cache and intermediates in its own folder."""
     other = tmp_path / "second_test_set"
@@ -157,19 +138,19 @@ def test_a_second_test_set_leaves_the_training_products_untouched(
     out = tmp_path / "sub.csv"
     cfg = "config/rsna/patient_head.yaml"
     inference.main(
-        ["--CFG", cfg, "--split", "test", "--data-dir", str(other), "--out", str(out), *ov]
+        ["--CFG", cfg, "--split", "test", "--data-dir", str(other), "--out", str(out), *tiny_ov]
     )
     assert _snapshot(root) == before
     sub = pd.read_csv(out)
     assert sub.row_id.tolist() == pd.read_csv(other / "test.csv").row_id.tolist()
-    work = paths.test_dir(load_config(cfg, [*ov, f"data_dir={other}"]))
+    work = paths.test_dir(load_config(cfg, [*tiny_ov, f"data_dir={other}"]))
     assert work.parent == root / "test" and work.name.startswith("second_test_set-")
     cached = sorted(p.stem for p in (work / "prep" / "volumes").glob("*.npy"))
     assert cached == sorted(p.name for p in (other / "test_images").iterdir())
     assert (work / "stage2_labels_test.csv").is_file()
 
 
-def test_an_unreadable_test_study_gets_the_priors(head, tiny_data, ov, tmp_path, caplog):
+def test_an_unreadable_test_study_gets_the_priors(tiny_head, tiny_data, tiny_ov, tmp_path, caplog):
     """An empty study folder is named in the log and takes the train priors; the file is written."""
     other = tmp_path / "damaged"
     other.mkdir()
@@ -184,7 +165,7 @@ def test_an_unreadable_test_study_gets_the_priors(head, tiny_data, ov, tmp_path,
     caplog.set_level(logging.WARNING)
     cfg = "config/rsna/patient_head.yaml"
     inference.main(
-        ["--CFG", cfg, "--split", "test", "--data-dir", str(other), "--out", str(out), *ov]
+        ["--CFG", cfg, "--split", "test", "--data-dir", str(other), "--out", str(out), *tiny_ov]
     )
     assert f"test study {broken} cannot be read" in caplog.text
     sub = pd.read_csv(out)
@@ -197,12 +178,12 @@ def test_an_unreadable_test_study_gets_the_priors(head, tiny_data, ov, tmp_path,
 
 
 def test_unknown_component_is_a_one_line_error_before_any_run_folder(tiny_data, tiny_output):
-    ov = [*tiny_overrides(tiny_data, tiny_output), "exp_name=never_made", "model.name=resnet"]
+    tiny_ov = [*tiny_overrides(tiny_data, tiny_output), "exp_name=never_made", "model.name=resnet"]
     with pytest.raises(SystemExit, match=r"^error: unknown model 'resnet'; valid: .*fracture_seq"):
-        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
-    ov[-1] = "model.params.dropuot=0.5"
+        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *tiny_ov])
+    tiny_ov[-1] = "model.params.dropuot=0.5"
     with pytest.raises(SystemExit, match=r"^error: model 'vertebra_bbox_ratio' got unknown params"):
-        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
+        train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *tiny_ov])
     assert not (tiny_output / "rsna" / "never_made").exists()
 
 

@@ -17,6 +17,7 @@ A test-time run therefore never writes into the training run's products, whateve
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -143,3 +144,37 @@ def test_preds_csv(cfg: Cfg, exp: str | None = None) -> Path:
 def submission_csv(cfg: Cfg) -> Path:
     """Default submission path of a test-time run (``inference.py --out`` chooses another)."""
     return test_dir(cfg) / "submission.csv"
+
+
+# ---- Kaggle notebook ----------------------------------------------------------------------------
+KAGGLE_ROOT_ENV = "KAGGLE_ROOT"  # environment variable naming another input root (tests)
+
+
+def kaggle_root() -> Path:
+    """The Kaggle root: ``/kaggle`` unless the environment variable ``KAGGLE_ROOT`` names another."""
+    return Path(os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
+
+
+def kaggle_input(root: Path) -> Path:
+    """Read-only inputs: competitions and attached datasets."""
+    return Path(root) / "input"
+
+
+def kaggle_working(root: Path) -> Path:
+    """The writable output folder of a Kaggle notebook."""
+    return Path(root) / "working"
+
+
+def kaggle_submission(root: Path) -> Path:
+    """The file a code competition scores."""
+    return kaggle_working(root) / "submission.csv"
+
+
+def kaggle_competition_candidates(root: Path, slug: str) -> list[Path]:
+    """Where Kaggle mounts competition ``slug``: ``input/<slug>`` (2022) or ``input/competitions/<slug>``."""
+    return [kaggle_input(root) / slug, kaggle_input(root) / "competitions" / slug]
+
+
+def bundle_manifest(code: Path) -> Path:
+    """``bundle.json`` of a code bundle (``make kaggle-bundle``): its runs folder, config and profile."""
+    return Path(code) / "bundle.json"

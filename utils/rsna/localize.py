@@ -108,7 +108,9 @@ def localize_study(
     every vertebra (each gets the whole study; the ordered decoding, which gives a slice one
     vertebra at most, would leave some without slices). The study box spans the 5-95 % quantiles of the
     boxes predicted on slices assigned to any vertebra, widened by ``margin`` of its size on each
-    side and clipped to the image.
+    side and clipped to the image. Slices without a box (NaN: skipped by a stage-1 stride, see
+    :func:`fill_skipped_slices`) do not vote; when no assigned slice has one, every predicted
+    slice does.
     """
     pred = pred.sort_values("slice")
     ratios = pred[VERTEBRAE].rolling(smooth, center=True, min_periods=1).mean().to_numpy()
@@ -123,7 +125,8 @@ def localize_study(
     on = np.any(masks, axis=0)
     if not on.any():
         return pd.DataFrame(columns=COLUMNS[1:])
-    boxes = pred.loc[on, BOX_COLS].to_numpy()
+    boxed = pred[BOX_COLS].notna().all(axis=1).to_numpy()
+    boxes = pred.loc[on & boxed if (on & boxed).any() else boxed, BOX_COLS].to_numpy()
     x0, y0 = np.quantile(boxes[:, 0], 0.05), np.quantile(boxes[:, 1], 0.05)
     x1, y1 = np.quantile(boxes[:, 2], 0.95), np.quantile(boxes[:, 3], 0.95)
     dx, dy = margin * max(x1 - x0, 1e-3), margin * max(y1 - y0, 1e-3)
@@ -137,6 +140,30 @@ def localize_study(
                 [v, int(slices[run[0]]), int(slices[run[1]]), run[1] - run[0] + 1, peak, *box]
             )
     return pd.DataFrame(rows, columns=COLUMNS[1:])
+
+
+def strided_slices(n_slices: int, stride: int) -> np.ndarray:
+    """Slices stage 1 predicts at ``stride`` k: 0, k, 2k, ... and always the last one."""
+    if stride < 1:
+        raise ValueError(f"stage-1 stride must be >= 1, got {stride}")
+    return np.union1d(np.arange(0, n_slices, stride), [n_slices - 1])
+
+
+def fill_skipped_slices(pred: pd.DataFrame, n_slices: int) -> pd.DataFrame:
+    """One study's stage-1 predictions on some slices -> one row per slice ``0 .. n_slices-1``.
+
+    C1..C7 ratios are interpolated linearly along z between the predicted slices; the box
+    columns keep the predicted values and are NaN on the skipped slices (:func:`localize_study`
+    builds the study box from predicted slices only).
+    """
+    pred = pred.sort_values("slice")
+    z = np.arange(n_slices)
+    known = pred["slice"].to_numpy()
+    out = pd.DataFrame({UID: pred[UID].iloc[0], "slice": z})
+    out[BOX_COLS] = pred.set_index("slice")[BOX_COLS].reindex(z).to_numpy()
+    for v in VERTEBRAE:
+        out[v] = np.interp(z, known, pred[v].to_numpy())
+    return out
 
 
 def localize(
