@@ -122,6 +122,19 @@ def nnunet_model_dir(cfg: Cfg, trainer: str | None = None) -> Path:
     return nnunet_root(cfg, "results") / nnunet_dataset(cfg) / name
 
 
+def nnunet_case_labels(cfg: Cfg) -> Path:
+    """Per-case class labels of a multi-task dataset (``nnunet.trainer_options.case_labels``).
+
+    Beside ``dataset.json`` in the raw dataset: our trainers read it there by case id.
+    """
+    return nnunet_raw_dataset(cfg) / cfg["nnunet"]["trainer_options"]["case_labels"]
+
+
+def predictions_dir(cfg: Cfg, name: str) -> Path:
+    """``<pipeline>/predictions/<name>/``: one prediction run (masks + per-case CSVs)."""
+    return pipeline_dir(cfg) / "predictions" / name
+
+
 # ---- test time ----------------------------------------------------------------------------------
 def test_dir(cfg: Cfg) -> Path:
     """Intermediates of a test-time run on ``cfg.data_dir``: one folder per data folder.
