@@ -10,6 +10,7 @@ Products live under ``<output_dir>/<pipeline>/`` so that pipelines never overwri
     test/<data>-<hash>/...                     inference.py --split test: intermediates of one test
                                                data folder (cache, per-stage predictions, submission.csv)
     nnunet/{raw,preprocessed,results}/         nnU-Net v2's three roots (utils/nnunet.py exports them)
+    predictions/<name>/                        one prediction run of an nnU-Net pipeline (masks + CSVs)
 
 A test-time run therefore never writes into the training run's products, whatever folder it reads.
 """
