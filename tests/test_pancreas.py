@@ -129,7 +129,7 @@ def test_options_come_from_the_environment(monkeypatch):
 
 
 def test_balanced_class_weights_and_focal_loss():
-    opts = mt.MultitaskOptions("x.csv", 3, 2, 1.0, "focal", 2.0, "balanced", 1, 1, 1)
+    opts = mt.MultitaskOptions("x.csv", 3, 2, 1.0, "focal", 2.0, "balanced", 0.9, 1, 1, 1)
     weights = mt.class_weights(opts, np.array([0, 1, 1, 1, 2, 2]))
     assert weights.tolist() == pytest.approx([2.0, 2 / 3, 1.0])
     logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from nnunetv2.paths import nnUNet_raw
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
@@ -58,6 +59,7 @@ class MultitaskOptions:
     cls_loss: str
     focal_gamma: float
     class_weights: str | list[float] | None
+    cls_momentum: float
     epochs: int
     iterations: int
     val_iterations: int
@@ -123,19 +125,25 @@ class FocalLoss(nn.Module):
         return loss.sum() / w.sum().clamp_min(1e-8)
 
 
-def lesion_pool(features: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
-    """Features scaled by the lesion map, pooled: sum(f * w) / sum(w), w = map + floor.
+def global_pool(features: torch.Tensor) -> torch.Tensor:
+    """Average and max over space: features (B, C, *S) -> (B, 2C).
 
-    features (B, C, *S); lesion (B, 1, *S') in [0, 1] at any resolution -> (B, C).
+    The max matters: nnU-Net's encoder stages end in instance norm, so a plain spatial mean of
+    their features is nearly the same for every case.
     """
-    w = (
-        F.adaptive_avg_pool3d(lesion, features.shape[2:])
-        if lesion.ndim == 5
-        else F.adaptive_avg_pool2d(lesion, features.shape[2:])
-    )
-    w = w + LESION_FLOOR
-    dims = tuple(range(2, features.ndim))
-    return (features * w).sum(dims) / w.sum(dims)
+    flat = features.flatten(2)
+    return torch.cat([flat.mean(2), flat.amax(2)], 1)
+
+
+def lesion_pool(features: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+    """Features scaled by the lesion map, pooled: [sum(f * w) / sum(w), max(f * w)], w = map + floor.
+
+    features (B, C, *S); lesion (B, 1, *S') in [0, 1] at any resolution -> (B, 2C).
+    """
+    pool = F.adaptive_avg_pool3d if lesion.ndim == 5 else F.adaptive_avg_pool2d
+    w = (pool(lesion, features.shape[2:]) + LESION_FLOOR).flatten(2)
+    scaled = features.flatten(2) * w
+    return torch.cat([scaled.sum(2) / w.sum(2), scaled.amax(2)], 1)
 
 
 def _conv_block(encoder: nn.Module, c_in: int, c_out: int, stride) -> nn.Sequential:
@@ -206,11 +214,17 @@ class AttentionClsEncoder(nn.Module):
 
 
 class ClassifierMLP(nn.Module):
-    """(B, C) pooled features -> (B, num_classes) logits."""
+    """(B, C) pooled features -> (B, num_classes) logits.
+
+    Batch norm first: the pooled features differ little between cases, and standardising them
+    across the batch keeps the logits from being all bias (the classifier otherwise predicts one
+    class for every case).
+    """
 
     def __init__(self, c_in: int, num_classes: int, hidden: int = 128, dropout: float = 0.3):
         super().__init__()
         self.net = nn.Sequential(
+            nn.BatchNorm1d(c_in),
             nn.Linear(c_in, hidden),
             nn.LeakyReLU(0.01),
             nn.Dropout(dropout),
@@ -239,7 +253,7 @@ class MultitaskNet(nn.Module):
             unet.decoder,
         )  # nnU-Net toggles decoder.deep_supervision
         self.features = features
-        self.classifier = ClassifierMLP(features.out_channels, num_classes)
+        self.classifier = ClassifierMLP(2 * features.out_channels, num_classes)
         self.lesion_label = lesion_label
         self.last_logits: torch.Tensor | None = None
 
@@ -248,7 +262,7 @@ class MultitaskNet(nn.Module):
         seg = self.decoder(skips)
         feats = self.features(skips)
         if self.lesion_label is None:
-            pooled = feats.mean(dim=tuple(range(2, feats.ndim)))
+            pooled = global_pool(feats)
         else:
             if lesion is None:
                 top = seg[0] if isinstance(seg, (list, tuple)) else seg
@@ -306,6 +320,25 @@ class nnUNetTrainerPancreasHead(nnUNetTrainer):
         lesion = opts.lesion_label if cls.uses_lesion_map else None
         return MultitaskNet(unet, cls.build_features(unet.encoder), opts.num_classes, lesion)
 
+    def configure_optimizers(self):
+        """nnU-Net's SGD + poly schedule; the classifier's parameters get ``cls_momentum``.
+
+        nnU-Net's momentum 0.99 suits the segmentation network; on the small classifier it makes
+        the logits swing from one class to another between epochs.
+        """
+        net = self._net()
+        cls_params = [*net.features.parameters(), *net.classifier.parameters()]
+        ids = {id(p) for p in cls_params}
+        seg_params = [p for p in self.network.parameters() if id(p) not in ids]
+        groups = [
+            {"params": seg_params},
+            {"params": cls_params, "momentum": self.options.cls_momentum},
+        ]
+        optimizer = torch.optim.SGD(
+            groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
+        )
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
     # ---- set-up -------------------------------------------------------------------------------
     def case_labels_path(self) -> Path:
         return Path(nnUNet_raw) / self.plans_manager.dataset_name / self.options.case_labels
@@ -348,7 +381,7 @@ class nnUNetTrainerPancreasHead(nnUNetTrainer):
 
     def _net(self) -> MultitaskNet:
         """The MultitaskNet under a DDP or torch.compile wrapper."""
-        net = self.network.module if self.is_ddp else self.network
+        net = getattr(self.network, "module", self.network)
         return getattr(net, "_orig_mod", net)
 
     def _batch_classes(self, batch: dict) -> torch.Tensor:
