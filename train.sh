@@ -4,9 +4,10 @@
 #
 #   sh train.sh [PIPELINE] [DATA_DIR] [key=value ...]   # or: DATA_DIR=... FOLDS=5 PROFILE=full sh train.sh
 #
-#   PIPELINE  rsna (default) | hipmri. `sh train.sh` alone is the RSNA demo; `sh train.sh DATA_DIR` = `sh train.sh rsna DATA_DIR`
+#   PIPELINE  rsna (default) | hipmri | pancreas. `sh train.sh` alone is the RSNA demo; `sh train.sh DATA_DIR` = `sh train.sh rsna DATA_DIR`
 #   DATA_DIR  the data set's folder in its published layout (RSNA: train.csv, train_images/, segmentations/,
-#             test.csv, test_images/; HipMRI: keras_slices_{train,validate,test}/ + keras_slices_seg_*/);
+#             test.csv, test_images/; HipMRI: keras_slices_{train,validate,test}/ + keras_slices_seg_*/;
+#             pancreas: train/subtype<k>/, validation/subtype<k>/, test/);
 #             unset: the synthetic demo data is generated into data/<pipeline>_demo first
 #   PROFILE   full (default with DATA_DIR) | demo (default without): config profile of every stage
 #   FOLDS     number of folds (default: n_folds of the profile)
@@ -129,7 +130,35 @@ hipmri() {
     echo "report: $PRODUCTS/cv_report.md    overlays: $PRODUCTS/test_overlays/    ($(( (SECONDS - T0) / 60 )) min)"
 }
 
+pancreas() {
+    local cfg=config/pancreas/base.yaml trainer
+    need_data train
+
+    step "1. convert to the nnU-Net raw dataset (labels rounded, case-label CSV) -> $PRODUCTS/nnunet/raw"
+    "$PYTHON" -m utils.preprocess_data --pipeline pancreas "${COMMON[@]}"
+
+    step "2. folds: the given split (validation = fold 0) -> $PRODUCTS/folds.csv + nnU-Net's splits_final.json"
+    eval "$("$PYTHON" -m utils.nnunet --CFG "$cfg" env "${COMMON[@]}")"
+    "$PYTHON" -m utils.fold_split --CFG "$cfg" --nnunet-splits "$NNUNET_SPLITS" "${COMMON[@]}"
+
+    step "3. nnU-Net plan + preprocess"
+    "$PYTHON" -m utils.nnunet --CFG "$cfg" plan "${COMMON[@]}"
+
+    # The report compares every trainer of report.trainers: each one is trained (finished folds skipped).
+    for trainer in $("$PYTHON" -c "import sys; from utils.config import load_config; print(*load_config('$cfg', sys.argv[1:]).report.trainers)" "${COMMON[@]}"); do
+        step "4. train $trainer (fold 0: train/ -> validation/)"
+        "$PYTHON" -m utils.nnunet --CFG "$cfg" train "${COMMON[@]}" nnunet.trainer="$trainer"
+    done
+
+    step "5. validation report: masks + subtypes per trainer, DSC, macro-F1, s/case"
+    "$PYTHON" -m utils.pancreas.report --CFG "$cfg" "${COMMON[@]}"
+
+    step "6. test masks + subtype_results.csv on $DATA_DIR/test ($NNUNET_TRAINER)"
+    "$PYTHON" -m utils.pancreas.predict --CFG "$cfg" --input "$DATA_DIR/test" --out "$PRODUCTS/predictions/test" "${COMMON[@]}"
+    echo "report: $PRODUCTS/cv_report.md    test: $PRODUCTS/predictions/test/subtype_results.csv    ($(( (SECONDS - T0) / 60 )) min)"
+}
+
 case "$PIPELINE" in
-    rsna | hipmri) "$PIPELINE" ;;
-    *) echo "error: sh train.sh $PIPELINE: no recipe for this pipeline yet (rsna, hipmri)" >&2; exit 2 ;;
+    rsna | hipmri | pancreas) "$PIPELINE" ;;
+    *) echo "error: sh train.sh $PIPELINE: no recipe for this pipeline yet (rsna, hipmri, pancreas)" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ one ``error:`` line naming it (nnU-Net's own output above says why).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -31,6 +32,9 @@ from utils import paths
 from utils.config import ConfigError, load_config
 
 TRAINER_DIR = Path(__file__).resolve().parents[1] / "models" / "nnunet_trainers"
+# nnU-Net constructs trainers with a fixed signature (plans, configuration, fold, dataset_json,
+# device), so options of our trainers travel as JSON in this variable (``nnunet.trainer_options``).
+TRAINER_OPTIONS_ENV = "NNUNET_TRAINER_OPTIONS"
 Cfg = Mapping[str, Any]
 
 
@@ -65,6 +69,7 @@ def environment(cfg: Cfg, base: Mapping[str, str] | None = None) -> dict[str, st
     env["nnUNet_def_n_proc"] = str(nn["n_proc"])
     env["nnUNet_n_proc_DA"] = str(nn["n_proc_da"])
     env["nnUNet_compile"] = "true" if nn["compile"] else "false"
+    env[TRAINER_OPTIONS_ENV] = json.dumps(nn["trainer_options"].to_dict())
     env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])
     _, index = device(cfg)
     if index is not None:

@@ -10,6 +10,7 @@ Products live under ``<output_dir>/<pipeline>/`` so that pipelines never overwri
     test/<data>-<hash>/...                     inference.py --split test: intermediates of one test
                                                data folder (cache, per-stage predictions, submission.csv)
     nnunet/{raw,preprocessed,results}/         nnU-Net v2's three roots (utils/nnunet.py exports them)
+    predictions/<name>/                        one prediction run of an nnU-Net pipeline (masks + CSVs)
 
 A test-time run therefore never writes into the training run's products, whatever folder it reads.
 """
@@ -121,6 +122,19 @@ def nnunet_model_dir(cfg: Cfg, trainer: str | None = None) -> Path:
     nn = cfg["nnunet"]
     name = f"{trainer or nn['trainer']}__{nn['plans']}__{nn['configuration']}"
     return nnunet_root(cfg, "results") / nnunet_dataset(cfg) / name
+
+
+def nnunet_case_labels(cfg: Cfg) -> Path:
+    """Per-case class labels of a multi-task dataset (``nnunet.trainer_options.case_labels``).
+
+    Beside ``dataset.json`` in the raw dataset: our trainers read it there by case id.
+    """
+    return nnunet_raw_dataset(cfg) / cfg["nnunet"]["trainer_options"]["case_labels"]
+
+
+def predictions_dir(cfg: Cfg, name: str) -> Path:
+    """``<pipeline>/predictions/<name>/``: one prediction run (masks + per-case CSVs)."""
+    return pipeline_dir(cfg) / "predictions" / name
 
 
 # ---- test time ----------------------------------------------------------------------------------

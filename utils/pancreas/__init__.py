@@ -1,0 +1,1 @@
+"""Pancreas multi-task pipeline: nnU-Net segmentation (pancreas, lesion) + lesion-subtype classification."""

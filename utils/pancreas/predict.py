@@ -1,0 +1,184 @@
+"""Masks + ``subtype_results.csv`` in one pass: ``python -m utils.pancreas.predict --CFG config/pancreas/base.yaml --input DIR --out DIR``.
+
+Every ``*_0000.nii.gz`` of ``--input`` is preprocessed, predicted by the fold ensemble of one
+trainer (``--trainer``, default ``nnunet.trainer``; ``nnunet.folds``) and written as
+``OUT/<case>.nii.gz`` (uint8, the input's geometry). Its subtype is the argmax of the class
+probabilities averaged over every forward pass (sliding-window tiles, TTA mirrors, folds). The
+tables are written at the end, atomically:
+
+- ``subtype_results.csv``: ``Names,Subtype`` (``Names`` = the mask file name, the quiz's contract);
+- ``cases.csv``: ``Names,Subtype,seconds,p0..pK-1`` (seconds = preprocess + predict + export).
+
+TTA (mirroring) is off with ``nnunet.disable_tta=true``. An unreadable image is logged with its
+path and skipped; its row is missing from both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from nnunetv2.inference.export_prediction import (
+    convert_predicted_logits_to_segmentation_with_correct_shape,
+)
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from utils import nnunet, paths
+from utils.config import ConfigError, load_config
+from utils.io import atomic_path, write_csv
+from utils.pancreas import layout
+
+log = logging.getLogger(__name__)
+RESULTS_CSV = "subtype_results.csv"
+CASES_CSV = "cases.csv"
+# What a missing model, folder or file raises here: reported as one `error:` line by the CLIs.
+MULTITASK_ERRORS = (FileNotFoundError, KeyError, ValueError)
+
+
+class MultitaskPredictor(nnUNetPredictor):
+    """nnU-Net's predictor plus the class logits of every forward pass of our multi-task network.
+
+    A forward hook collects ``network.last_logits`` (1, K) per call, so the stock sliding window,
+    mirroring and fold loop run unchanged; :meth:`predict_case` averages their softmax.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._logits: list[torch.Tensor] = []
+
+    def _collect(self, module, args, output) -> None:
+        self._logits.append(module.last_logits.detach().float().cpu())
+
+    def initialize_from_trained_model_folder(
+        self, model_dir: str, use_folds, checkpoint_name: str = "checkpoint_final.pth"
+    ):
+        super().initialize_from_trained_model_folder(model_dir, use_folds, checkpoint_name)
+        net = getattr(self.network, "_orig_mod", self.network)
+        if not hasattr(net, "last_logits"):
+            raise ValueError(
+                f"{model_dir}: trainer {self.trainer_name} has no classifier (not a multi-task model)"
+            )
+        net.register_forward_hook(self._collect)
+
+    def predict_case(self, image: Path, out_file: Path) -> tuple[np.ndarray, float]:
+        """Write the mask of ``image`` to ``out_file`` atomically; (class probabilities (K,), seconds)."""
+        start = time.perf_counter()
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        data, _, props = preprocessor.run_case(
+            [str(image)], None, self.plans_manager, self.configuration_manager, self.dataset_json
+        )
+        self._logits.clear()
+        logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, self.plans_manager, self.configuration_manager, self.label_manager, props
+        )
+        writer = self.plans_manager.image_reader_writer_class()
+        with atomic_path(out_file) as tmp:
+            # the writer picks the format from the suffix: write <tmp>.nii.gz, then move onto tmp
+            named = tmp.with_name(tmp.name + layout.MASK_SUFFIX)
+            writer.write_seg(seg, str(named), props)
+            os.replace(named, tmp)
+        probs = torch.softmax(torch.cat(self._logits), dim=1).mean(0).numpy()
+        return probs, time.perf_counter() - start
+
+
+def load_predictor(cfg, trainer: str) -> MultitaskPredictor:
+    """The fold ensemble ``nnunet.folds`` of ``trainer``, on the config's device, TTA per config."""
+    os.environ.update(nnunet.environment(cfg))  # roots, trainer folder and trainer options
+    kind, _ = nnunet.device(cfg)
+    predictor = MultitaskPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=not cfg["nnunet"]["disable_tta"],
+        perform_everything_on_device=kind == "cuda",
+        device=torch.device(kind),
+        allow_tqdm=False,
+    )
+    model_dir = paths.nnunet_model_dir(cfg, trainer)
+    folds = nnunet.folds(cfg)
+    missing = [f for f in folds if not (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir}: no checkpoint_final.pth for folds {missing}; train first"
+        )
+    predictor.initialize_from_trained_model_folder(str(model_dir), tuple(folds))
+    return predictor
+
+
+def predict_images(cfg, trainer: str, images: Sequence[Path], out_dir: Path) -> pd.DataFrame:
+    """Masks of ``images`` in ``out_dir`` plus ``subtype_results.csv`` and ``cases.csv``; returns cases."""
+    predictor = load_predictor(cfg, trainer)
+    num_classes = int(cfg["nnunet"]["trainer_options"]["num_classes"])
+    rows = []
+    for image in images:
+        name = layout.mask_name(
+            layout.case_of_image(image) or image.name[: -len(layout.IMAGE_SUFFIX)]
+        )
+        try:
+            probs, seconds = predictor.predict_case(image, out_dir / name)
+        except (OSError, RuntimeError, ValueError) as err:
+            log.warning("skipping %s: %s", image, err)
+            continue
+        rows.append(
+            {
+                "Names": name,
+                "Subtype": int(probs.argmax()),
+                "seconds": round(seconds, 3),
+                **{f"p{k}": round(float(probs[k]), 4) for k in range(num_classes)},
+            }
+        )
+        log.info("%s: subtype %d in %.2f s", name, rows[-1]["Subtype"], seconds)
+    table = pd.DataFrame(
+        rows, columns=["Names", "Subtype", "seconds", *[f"p{k}" for k in range(num_classes)]]
+    )
+    write_csv(table, out_dir / CASES_CSV)
+    write_csv(table[["Names", "Subtype"]], out_dir / RESULTS_CSV)
+    return table
+
+
+def input_images(folder: Path) -> list[Path]:
+    """Every ``*_0000.nii.gz`` of ``folder`` (sorted); FileNotFoundError when there is none."""
+    images = sorted(p for p in Path(folder).glob("*" + layout.IMAGE_SUFFIX) if p.is_file())
+    if not images:
+        raise FileNotFoundError(f"{folder}: no *{layout.IMAGE_SUFFIX} images to predict")
+    return images
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--CFG", required=True, help="config/pancreas/base.yaml")
+    parser.add_argument("--input", type=Path, required=True, help="folder of *_0000.nii.gz images")
+    parser.add_argument("--out", type=Path, required=True, help="folder for masks and the CSVs")
+    parser.add_argument("--trainer", help="trainer whose model predicts (default: nnunet.trainer)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.CFG, args.overrides)
+        table = predict_images(
+            cfg, args.trainer or cfg["nnunet"]["trainer"], input_images(args.input), args.out
+        )
+    except (ConfigError, *MULTITASK_ERRORS) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if table.empty:
+        print(f"error: no image of {args.input} could be predicted (see the log)", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {len(table)} masks and {args.out / RESULTS_CSV} ({table['seconds'].mean():.2f} s per case)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
