@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-hipmri test test-slow bench lint
+.PHONY: demo demo-hipmri demo-fracatlas test test-slow bench lint
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(VENV)/.installed
 
 demo-hipmri: $(VENV)/.installed
 	PROFILE=demo PYTHON=$(PY) sh train.sh hipmri
+
+demo-fracatlas: $(VENV)/.installed
+	PROFILE=demo PYTHON=$(PY) sh train.sh fracatlas
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow" -q
