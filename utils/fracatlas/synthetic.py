@@ -103,7 +103,7 @@ def _crack_polygon(bone: Bone, h: int, w: int, rng: np.random.Generator) -> np.n
     reach = bone.width / 2 * 0.95
     start = -reach if rng.random() < 0.7 else -reach * rng.uniform(-0.2, 0.5)  # 30 %: partial
     ts = np.linspace(start, reach, 7)
-    width = max(2.0, min(h, w) * rng.uniform(0.008, 0.016))
+    width = max(2.0, min(h, w) * rng.uniform(0.012, 0.022))
     jitter = rng.normal(0, width * 0.8, len(ts))
     spine = centre + ts[:, None] * direction + jitter[:, None] * side
     half = width / 2 * rng.uniform(0.7, 1.3, len(ts))[:, None]
