@@ -173,7 +173,7 @@ def _hand_made(root: Path) -> None:
     (split / "test.csv").write_text("image_id\nleg_7.jpeg\n")  # no valid.csv at all
 
 
-def test_conversion_of_a_hand_made_download(tmp_path):
+def test_conversion_of_a_hand_made_download(tmp_path, capsys):
     data, out = tmp_path / "FracAtlas", tmp_path / "raw"
     _hand_made(data)
     cmd = [sys.executable, "-m", "utils.preprocess_data", "--pipeline", "fracatlas"]
@@ -224,17 +224,14 @@ def test_conversion_of_a_hand_made_download(tmp_path):
     test_mask = cv2.imread(str(out / "labelsTs" / "leg_7.png"), cv2.IMREAD_UNCHANGED)
     assert test_mask.shape == (90, 120) and test_mask[5, 60] == 1 and test_mask[50, 60] == 0
     # A rerun with the same inputs and settings is skipped.
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 0 and "skipped" in again.stdout
+    prep_main(cmd[5:])
+    assert "skipped" in capsys.readouterr().out
 
 
 def test_conversion_errors_in_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "utils.preprocess_data", "--pipeline", "fracatlas"]
-    run = subprocess.run(
-        [*cmd, "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "images" in run.stderr
+    with pytest.raises(SystemExit, match=r"^error: .*images"):
+        prep_main(["--data-dir", str(tmp_path), f"output_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
 
 
 # ---- generator, folds, classifier inputs --------------------------------------------------------
