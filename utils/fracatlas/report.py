@@ -42,7 +42,7 @@ def _round(d: dict) -> dict:
     }
 
 
-def classifier_results(cfg: Config, exp: str, path: Path) -> dict | None:
+def classifier_results(cfg: Config, path: Path) -> dict | None:
     """Metrics of a predictions CSV (``prob`` + ``fractured``), None when it does not exist."""
     if not path.is_file():
         return None
@@ -64,8 +64,8 @@ def seg_results(cfg: Config, split: str) -> dict | None:
 def build_report(cfg: Config) -> dict:
     """The report's content: n_images, seg_* (OOF), cls_* for both classifiers, test blocks."""
     exps = {"plain": cfg.report.plain, "guided": cfg.report.guided}
-    oof = {k: classifier_results(cfg, e, paths.preds_csv(cfg, e)) for k, e in exps.items()}
-    test = {k: classifier_results(cfg, e, paths.test_preds_csv(cfg, e)) for k, e in exps.items()}
+    oof = {k: classifier_results(cfg, paths.preds_csv(cfg, e)) for k, e in exps.items()}
+    test = {k: classifier_results(cfg, paths.test_preds_csv(cfg, e)) for k, e in exps.items()}
     seg = seg_results(cfg, "oof") or {}
     cases = read_cases(cfg)
     pool = cases[cases["split"] == "train"]

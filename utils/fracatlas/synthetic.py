@@ -2,7 +2,7 @@
 
 Bright bone shapes (capsules with a marrow core) over soft tissue, with body-part-specific
 arrangements; fractured images carry 1-3 thin jagged breaks across a bone, each annotated by one
-COCO polygon in original pixel coordinates (the break's outline). What keeps both tasks from
+COCO polygon in original pixel coordinates (a band around the break). What keeps both tasks from
 saturating: breaks range from clear to barely above the noise, partial breaks stop inside the
 bone, and every image may carry look-alikes that are not fractures (straight growth lines across
 a bone, joint gaps between bone segments, bright hardware). Images are grayscale content saved
@@ -91,8 +91,12 @@ def _bones(part: str, h: int, w: int, rng: np.random.Generator) -> list[Bone]:
     return bones
 
 
-def _crack_polygon(bone: Bone, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """(K, 2) float polygon (x, y) outlining one thin jagged break across ``bone``."""
+def _crack(bone: Bone, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One jagged break across ``bone``: (the dark line, its annotation), (K, 2) polygons (x, y).
+
+    The annotation is a band three times the line's width around it, as annotators outline a
+    fracture region rather than trace the crack.
+    """
     p0, p1 = np.array(bone.p0), np.array(bone.p1)
     axis = (p1 - p0) / np.linalg.norm(p1 - p0)
     normal = np.array([-axis[1], axis[0]])
@@ -103,11 +107,15 @@ def _crack_polygon(bone: Bone, h: int, w: int, rng: np.random.Generator) -> np.n
     reach = bone.width / 2 * 0.95
     start = -reach if rng.random() < 0.7 else -reach * rng.uniform(-0.2, 0.5)  # 30 %: partial
     ts = np.linspace(start, reach, 7)
-    width = max(2.0, min(h, w) * rng.uniform(0.012, 0.022))
+    width = max(2.0, min(h, w) * rng.uniform(0.015, 0.025))
     jitter = rng.normal(0, width * 0.8, len(ts))
     spine = centre + ts[:, None] * direction + jitter[:, None] * side
     half = width / 2 * rng.uniform(0.7, 1.3, len(ts))[:, None]
-    return np.concatenate([spine + half * side, (spine - half * side)[::-1]])
+
+    def band(scale: float) -> np.ndarray:
+        return np.concatenate([spine + scale * half * side, (spine - scale * half * side)[::-1]])
+
+    return band(1.0), band(3.0)
 
 
 def _fill(shape: tuple[int, int], polygon: np.ndarray) -> np.ndarray:
@@ -121,7 +129,7 @@ def _fill(shape: tuple[int, int], polygon: np.ndarray) -> np.ndarray:
 def render(
     h: int, w: int, part: str, n_breaks: int, hardware: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One X-ray: (h, w) uint8 image and the break polygons ((K, 2) x, y px) drawn into it."""
+    """One X-ray: (h, w) uint8 image and the annotation polygons ((K, 2) x, y px) of its breaks."""
     s = min(h, w)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = 0.06 + 0.04 * (yy / h) * rng.uniform(-1, 1)
@@ -168,10 +176,10 @@ def render(
     polygons = []
     for _ in range(n_breaks):
         bone = bones[int(rng.integers(len(bones)))]
-        polygon = _crack_polygon(bone, h, w, rng)
-        crack = cv2.GaussianBlur(_fill((h, w), polygon), (0, 0), 0.6)
+        line, polygon = _crack(bone, h, w, rng)
+        crack = cv2.GaussianBlur(_fill((h, w), line), (0, 0), 0.6)
         # Contrast from clear to faint: a quarter of the breaks sit near the noise level.
-        contrast = rng.uniform(0.08, 0.22) if rng.random() < 0.25 else rng.uniform(0.25, 0.6)
+        contrast = rng.uniform(0.1, 0.25) if rng.random() < 0.25 else rng.uniform(0.35, 0.75)
         img = img * (1 - contrast * crack * bone_mask)
         polygons.append(polygon)
     img = cv2.GaussianBlur(img, (0, 0), max(0.6, s * 0.0015))
