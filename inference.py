@@ -23,7 +23,8 @@ import logging
 from pathlib import Path
 
 from utils import paths
-from utils.config import Config, ConfigError, load_config
+from utils.config import Config, load_config
+from utils.errors import user_errors
 from utils.folds import load_folds, with_folds
 from utils.predict import is_fresh, load_models, make_writer, predict_to, run_config
 from utils.registry import DATASETS, load_pipeline
@@ -85,21 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    try:
+    with user_errors():
         cfg = load_config(args.CFG, overrides)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
-    pipeline = load_pipeline(cfg.pipeline)
-    if args.split == "test":
-        if pipeline.test is not None:
-            out = pipeline.test(cfg, args.out)
-        else:
-            out = test_predictions(run_config(cfg), args.out or paths.test_preds_csv(cfg))
-        print(f"test predictions: {out}")
-        return
-    run = run_config(cfg)
-    oof_predictions(run, pipeline.id_col)
-    summary = pipeline.after_oof(run) if pipeline.after_oof is not None else None
+        pipeline = load_pipeline(cfg.pipeline)
+        if args.split == "test":
+            if pipeline.test is not None:
+                out = pipeline.test(cfg, args.out)
+            else:
+                out = test_predictions(run_config(cfg), args.out or paths.test_preds_csv(cfg))
+            print(f"test predictions: {out}")
+            return
+        run = run_config(cfg)
+        oof_predictions(run, pipeline.id_col)
+        summary = pipeline.after_oof(run) if pipeline.after_oof is not None else None
     print(summary or f"OOF predictions: {paths.preds_csv(run)}")
 
 

@@ -42,6 +42,7 @@ from utils.engine import (
     to_device,
     unwrap_model,
 )
+from utils.errors import user_errors
 from utils.folds import load_folds, with_folds
 from utils.io import write_csv
 from utils.plots import plot_curves
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     info, device = distributed.setup(resolve_device(cfg.device))
     try:
-        results = {k: run_fold(cfg, k, device, info) for k in folds_to_run(cfg, args.fold)}
+        with user_errors():
+            results = {k: run_fold(cfg, k, device, info) for k in folds_to_run(cfg, args.fold)}
         distributed.barrier(info)  # rank 0 has written the last checkpoint when torchrun returns
     finally:
         distributed.teardown(info)

@@ -85,11 +85,24 @@ rsna() {
     step "10. submission on $DATA_DIR/test.csv"
     "$PYTHON" inference.py --CFG config/rsna/patient_head.yaml --split test --out "$PRODUCTS/submission.csv" "${COMMON[@]}"
 
+    if [ "$DATA_DIR" = "$DEMO_DIR" ]; then
+        local unseen=data/rsna_unseen
+        step "11. cross-style check: the chain on studies of a style the demo never trained on ($unseen)"
+        [ -e "$unseen/test.csv" ] || "$PYTHON" -m utils.rsna.synthetic --out "$unseen" --preset unseen --seed 0 --workers "$WORKERS" --overwrite
+        "$PYTHON" -m utils.rsna.cross_style --CFG config/rsna/patient_head.yaml --data-dir "$unseen" "${COMMON[@]}"
+    fi
+
     "$PYTHON" - "$PRODUCTS" <<'PY'
 import json, sys
 r = json.load(open(f"{sys.argv[1]}/cv_report.json"))
 print(f"\nOOF competition metric ({r['model']}): {r['oof_metric']:.4f}  |  constant-prior baseline: "
       f"{r['baseline_prior']:.4f}  |  ratio {r['ratio_to_prior']:.2f}  |  noisy-OR {r['baseline_noisy_or']:.4f}")
+auc = r["per_target_auc"]
+print("OOF AUC: " + "  ".join(f"{t} {'n/a' if v is None else f'{v:.3f}'}" for t, v in auc.items()))
+if "cross_style" in r:
+    c = r["cross_style"]
+    print(f"unseen style ({c['n_studies']} studies): {c['metric']:.4f}  |  constant prior {c['baseline_prior']:.4f}"
+          f"  |  0.5 everywhere {c['baseline_half']:.4f}")
 PY
     echo "CV report: $PRODUCTS/cv_report.md    submission: $PRODUCTS/submission.csv    ($(( (SECONDS - T0) / 60 )) min)"
 }

@@ -37,6 +37,7 @@ from utils.rsna.datasets import (
 from utils.rsna.dicom import window, write_slice
 from utils.rsna.localize import main as stage2_labels_main
 from utils.rsna.metric import TARGETS, per_target_logloss, score
+from utils.rsna.postprocess import crossfit_platt, fit_platt, implausible, shrink
 from utils.rsna.preprocess import main as prep_main
 from utils.rsna.synthetic import PRESETS, StudySpec, write_study
 
@@ -71,13 +72,15 @@ def test_submission_rows_without_prediction_get_their_targets_train_prevalence(t
     data = tmp_path / "data"
     data.mkdir()
     # C1..C7 of 10 train studies: study i has C_j fractured when i < j (prevalence j / 10), so
-    # every target has its own prevalence, none 0 or 1 (patient_overall 0.7, like C7).
+    # every target has its own prevalence, none 0 or 1 (patient_overall 0.7, like C7; the priors
+    # are their add-one smoothed versions).
     c = (np.arange(10)[:, None] < np.arange(1, 8)[None, :]).astype(int)
     labels = pd.DataFrame(c, columns=VERT)
     labels.insert(0, "patient_overall", c.max(axis=1))
     labels.insert(0, "StudyInstanceUID", [f"1.2.{k}" for k in range(10)])
     labels.to_csv(data / "train.csv", index=False)
-    prevalence = pd.read_csv(data / "train.csv")[TARGET_ORDER].mean()
+    train = pd.read_csv(data / "train.csv")[TARGET_ORDER]
+    prevalence = (train.sum() + 1) / (len(train) + 2)  # add-one smoothed
     assert prevalence.between(0.1, 0.9).all() and prevalence.nunique() == 7
 
     seen, blind = "9.9.1", "9.9.2"
@@ -391,7 +394,7 @@ def test_stage2_oof_rows_are_predicted_by_their_own_fold_model(runs):
 
 def test_cv_report_head_predictions_come_from_each_studys_own_fold_model(runs):
     cfg = runs["patient_head"]
-    oof = pd.read_csv(paths.oof_csv(cfg))
+    oof = pd.read_csv(paths.preds_csv(cfg))  # the head's raw OOF predictions
     folds = _folds(cfg)
     assert sorted(oof.StudyInstanceUID) == sorted(folds.StudyInstanceUID)
     stage2 = pd.read_csv(paths.preds_csv(cfg, cfg.stages.fracture))
@@ -417,6 +420,31 @@ def test_cv_report_metric_rescored_from_its_own_oof_file(runs, tiny_data):
     assert report["oof_metric_global"] == pytest.approx(
         score(oof, truth, per_study=False), rel=1e-9
     )
-    prior = train_csv[TARGET_ORDER].mean()
+    prior = (train_csv[TARGET_ORDER].sum() + 1) / (len(train_csv) + 2)  # add-one smoothed
     constant = truth[["StudyInstanceUID"]].assign(**{t: prior[t] for t in TARGET_ORDER})
     assert report["baseline_prior"] == pytest.approx(score(constant, truth), rel=1e-9)
+
+
+def test_cv_report_oof_file_is_the_calibrated_and_checked_head_output(runs):
+    """oof_predictions.csv = the head's OOF, calibrated by the other folds' fit, then shrunk where
+    the OOF localisation is implausible; calibration.json = the fit on every study."""
+    cfg = runs["patient_head"]
+    raw = pd.read_csv(paths.preds_csv(cfg), dtype={"StudyInstanceUID": str})
+    final = pd.read_csv(paths.oof_csv(cfg), dtype={"StudyInstanceUID": str})
+    truth = pd.read_csv(layout.labels_csv(cfg.data_dir), dtype={"StudyInstanceUID": str})
+    uids = final.StudyInstanceUID.tolist()
+    raw = raw.set_index("StudyInstanceUID").loc[uids, TARGETS].reset_index()
+    truth = truth.set_index("StudyInstanceUID").loc[uids].reset_index()
+    fold = _folds(cfg).set_index("StudyInstanceUID").loc[uids, "fold"].to_numpy()
+    calibrated = crossfit_platt(raw, truth, fold)
+    loc = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"), dtype={"StudyInstanceUID": str})
+    post = cfg.post
+    flags = implausible(loc, uids, post.min_peak, tuple(post.length_range))
+    expected = shrink(calibrated, flags, train_priors(cfg), post.shrink)
+    np.testing.assert_allclose(final[TARGETS], expected[TARGETS], rtol=1e-9)
+    assert not np.allclose(final[TARGETS], raw[TARGETS])  # calibration did something
+    saved = json.loads(layout.calibration_json(cfg).read_text())
+    fit = fit_platt(raw, truth)
+    assert saved.keys() == fit.keys()
+    for t in TARGETS:
+        assert saved[t] == pytest.approx(fit[t]), t

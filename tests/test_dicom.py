@@ -284,15 +284,28 @@ def test_odd_size_slice_is_skipped_and_filled(tmp_path, caplog):
     assert "slice 4 not decoded" in caplog.text
 
 
-def test_bad_files_are_dropped_with_a_log(tmp_path, caplog):
-    hu = integer_hu(np.random.default_rng(8), (2, 8, 8))
-    study_dir = write_series(tmp_path / "s", hu, [(0.0, 0.0, 0.0), (0.0, 0.0, -1.0)], [1, 2])
+def test_unreadable_header_keeps_its_place_and_is_filled(tmp_path, caplog):
+    """Its number places it (numbers follow positions), so the slice count still pairs."""
+    hu = integer_hu(np.random.default_rng(8), (3, 8, 8))
+    study_dir = write_series(tmp_path / "s", hu, [(0.0, 0.0, -k) for k in (0, 1, 3)], [1, 2, 4])
     (study_dir / "3.dcm").write_bytes(b"not a dicom file at all" * 10)
     (study_dir / "notes.dcm").write_bytes(b"x")
     study = load_all_backends(study_dir)
-    assert study.skipped == (3,) and study.n_files == 4
-    assert np.array_equal(study.hu, hu)
-    assert "dropping slice 3" in caplog.text and "notes.dcm" in caplog.text
+    assert study.skipped == (3,) and study.n_files == 5
+    assert study.file_numbers.tolist() == [1, 2, 3, 4]
+    assert np.array_equal(study.hu[[0, 1, 3]], hu) and np.array_equal(study.hu[2], hu[1])
+    assert "slice 3 header unreadable" in caplog.text and "notes.dcm" in caplog.text
+
+
+def test_unreadable_header_is_dropped_when_numbers_do_not_follow_positions(tmp_path, caplog):
+    hu = integer_hu(np.random.default_rng(9), (3, 8, 8))
+    study_dir = write_series(
+        tmp_path / "s", hu, [(0.0, 0.0, 0.0), (0.0, 0.0, -2.0), (0.0, 0.0, -1.0)], [1, 2, 3]
+    )
+    (study_dir / "4.dcm").write_bytes(b"not a dicom file at all" * 10)
+    study = load_all_backends(study_dir)
+    assert study.skipped == (4,) and study.n_slices == 3
+    assert "dropped unreadable slices [4]" in caplog.text
 
 
 # Damaged files run in a child process: dicomsdl 0.109.4 segfaults on a file truncated inside its

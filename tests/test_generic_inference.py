@@ -7,6 +7,8 @@ did not train on them, test rows from the fold mean, case ids that look numeric 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,3 +160,18 @@ def test_stream_keeps_non_tensor_fields_and_yields_per_batch(toy):
     batches = list(stream_predictions(cfg, [ToyLinear(), ToyLinear()], loader, torch.device("cpu")))
     assert len(batches) == 5 and [len(b["case"]) for b, _ in batches] == [5, 5, 5, 5, 4]
     assert batches[0][0]["case"][:2] == ["000", "001"] and batches[0][1]["score"].shape == (5,)
+
+
+def test_oof_without_its_fold_file_is_a_one_line_error(toy, tmp_path):
+    """A user who deleted (or never copied) folds.csv gets one line, and no OOF file."""
+    root, stage, ov = toy
+
+    moved = shutil.copytree(root / "output", tmp_path / "output")
+    (moved / "toy" / "folds.csv").unlink()
+    (moved / "toy" / "linear" / "preds_oof.csv").unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as exc:
+        inference.main(["--CFG", stage, "--split", "oof", ov[0], f"output_dir={moved}"])
+    assert str(exc.value.code) == (
+        f"error: {moved / 'toy' / 'folds.csv'} not found; run python -m utils.fold_split first"
+    )
+    assert not (moved / "toy" / "linear" / "preds_oof.csv").exists()

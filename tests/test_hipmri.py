@@ -285,3 +285,49 @@ def test_train_sh_hipmri_tiny_end_to_end(tmp_path):
     report = json.loads((out / "hipmri" / "cv_report.json").read_text())
     assert report["n_test"] == len(list(layout.image_dir(data, "test").iterdir()))
     assert len(list((out / "hipmri" / "test_masks").glob("seg_*.nii.gz"))) == report["n_test"]
+
+
+# ---- data flow: each hand-off checked against its own files ----------------------------------------
+def test_report_dice_is_rescored_from_the_written_masks(tiny, tmp_path):
+    """cv_report.json's Dice = Dice pooled over the mask files it wrote vs the truth files."""
+    data, output, ov = tiny
+    out = tmp_path / "masks"
+    inference.main(["--CFG", str(STAGE), "--split", "test", "--out", str(out), *ov])
+    report = json.loads((output / "hipmri" / "cv_report.json").read_text())
+    table = layout.pair_split(data, "test")
+    counts = sum(
+        dice_counts(
+            read_mask(out / layout.mask_name_of(Path(r.image).name), 6), read_mask(r.mask, 6), 6
+        )
+        for r in table.itertuples()
+    )
+    for name, d in zip(report["dice"], dice_from_counts(counts), strict=True):
+        assert report["dice"][name] == (None if np.isnan(d) else pytest.approx(d, abs=1e-4)), name
+
+
+def test_given_split_folds_follow_the_folders_and_keep_patients_whole(tiny):
+    data, output, _ = tiny
+    folds = pd.read_csv(output / "hipmri" / "folds.csv", dtype=str)
+    table = build_table(data).astype({layout.ID: str})
+    merged = folds.merge(table, on=layout.ID, validate="1:1")
+    assert len(merged) == len(table[table["split"] != "test"])
+    assert (merged["fold"] == np.where(merged["split"] == "validate", "0", "1")).all()
+    assert merged.groupby("patient")["fold"].nunique().max() == 1
+
+
+def test_dataset_keeps_image_and_mask_aligned(tmp_path):
+    """A bright block in the image and its label must land on the same pixels after fitting,
+    for a slice of another size and one stored with a trailing axis."""
+    cfg = load_config(STAGE, ["profile=tiny", f"data_dir={tmp_path}"])
+    for shape in ((240, 150), (256, 128, 1)):
+        root = tmp_path / f"d{len(shape)}"
+        name = layout.image_name("050", 1, len(shape))
+        image = np.zeros(shape, np.int16)
+        mask = np.zeros(shape, np.float32)
+        image[60:100, 20:70] = 900
+        mask[60:100, 20:70] = 3
+        write_nii(layout.image_dir(root, "train") / name, image)
+        write_nii(layout.mask_dir(root, "train") / layout.mask_name_of(name), mask)
+        sample = build_dataset(cfg, layout.pair_split(root, "train"), train=False)[0]
+        bright = sample["image"][0] > sample["image"][0].mean()
+        assert torch.equal(bright, sample["mask"] == 3), shape

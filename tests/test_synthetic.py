@@ -16,11 +16,15 @@ from utils.rsna.nifti import load_rsna_seg
 from utils.rsna.synthetic import (
     FRACTURED_COUNT,
     PRESETS,
+    STYLES,
     VERTEBRAE,
     assign_labels,
     generate,
     make_geometry,
+    make_grid,
     plan_dataset,
+    render_slice,
+    study_style,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +293,51 @@ def test_cli_runs_by_path():
     )
     assert result.returncode == 0, result.stderr
     assert "--preset" in result.stdout and "--overwrite" in result.stdout
+
+
+def test_demo_mixes_its_styles_and_unseen_is_another():
+    demo = PRESETS["demo"]
+    styles = [study_style(s, demo, 0) for s in plan_dataset(demo, seed=0)]
+    assert (
+        set(styles) == {"subtle", "lean"} and min(styles.count("subtle"), styles.count("lean")) > 30
+    )
+    assert "unseen" not in demo.styles and PRESETS["unseen"].styles == ("unseen",)
+    for name in demo.styles:  # the unseen style is outside every training range of these keys
+        train, unseen = STYLES[name], STYLES["unseen"]
+        assert unseen.noise[0] > train.noise[1] - 5 and unseen.crack_slope[0] > train.crack_slope[0]
+
+
+def test_subtle_cracks_keep_part_of_the_bone_and_unseen_studies_are_blurred():
+    demo = PRESETS["demo"]
+    spec = next(
+        s for s in plan_dataset(demo, 0) if any(s.labels) and study_style(s, demo, 0) == "subtle"
+    )
+    geom = make_geometry(spec, demo, seed=0)
+    cracks = [c for level in geom.levels for c in level.cracks]
+    assert cracks and all(0.6 <= c.contrast <= 1.0 for c in cracks)
+    level = next(lv for lv in geom.levels if len(lv.cracks) == 1 and lv.label > 1)
+    (crack,) = level.cracks
+    mid = (level.top + level.bottom) / 2
+    centre = mid if np.isinf(crack.depths[0]) else mid + sum(crack.depths) / 2
+    render = render_slice(geom, make_grid(geom), int(centre / geom.dz))
+    keep = np.float32(geom.soft + (1 - crack.contrast) * (geom.cancellous - geom.soft))
+    assert (render.hu[render.labels == level.label] == keep).sum() > 3  # the crack's partial volume
+    if np.isfinite(crack.depths[0]):  # and it spans only part of the vertebra
+        clear = render_slice(geom, make_grid(geom), int((level.bottom - 0.5) / geom.dz))
+        assert not (clear.hu == keep).any()
+
+    unseen = PRESETS["unseen"]
+    spec = plan_dataset(unseen, 0)[0]
+    geom = make_geometry(spec, unseen, seed=0)
+    assert spec.split == "test" and geom.z_samples == 3 and 0.8 <= geom.blur <= 1.5
+
+
+def test_unseen_preset_is_a_test_only_folder(tmp_path):
+    out = tmp_path / "unseen"
+    summary = generate(out, preset="unseen", seed=0, workers=2)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sample_submission.csv", "test.csv", "test_images", "test_labels.csv",
+    ]  # fmt: skip
+    assert summary["test_studies"] == 24 and 0 < summary["test_positives"] < 24
+    labels = pd.read_csv(out / "test_labels.csv")
+    assert list(labels.columns) == LABEL_COLS and len(labels) == 24

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
+from utils.errors import InputError
 from utils.io import write_csv, write_text
 
 FOLD = "fold"
@@ -88,21 +89,21 @@ def load_folds(path: str | os.PathLike, id_col: str) -> pd.DataFrame:
     """Read and check a fold file: unique ids (as strings), folds 0..K-1 all present; sorted by id."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run utils/fold_split.py first")
+        raise InputError(f"{path} not found; run python -m utils.fold_split first")
     folds = pd.read_csv(path, dtype={id_col: str}, keep_default_na=False)
     if list(folds.columns) != [id_col, FOLD]:
-        raise ValueError(
+        raise InputError(
             f"{path}: expected columns [{id_col!r}, {FOLD!r}], got {list(folds.columns)}"
         )
     if folds[id_col].duplicated().any():
-        raise ValueError(f"{path}: {int(folds[id_col].duplicated().sum())} duplicated cases")
+        raise InputError(f"{path}: {int(folds[id_col].duplicated().sum())} duplicated cases")
     if folds.empty:
-        raise ValueError(f"{path}: no cases")
+        raise InputError(f"{path}: no cases")
     if not pd.api.types.is_integer_dtype(folds[FOLD]):
-        raise ValueError(f"{path}: column {FOLD!r} must hold integers")
+        raise InputError(f"{path}: column {FOLD!r} must hold integers")
     present = np.unique(folds[FOLD])
     if not np.array_equal(present, np.arange(len(present))):
-        raise ValueError(f"{path}: folds must be 0..K-1 with every fold present, got {present}")
+        raise InputError(f"{path}: folds must be 0..K-1 with every fold present, got {present}")
     return folds.sort_values(id_col, ignore_index=True)
 
 

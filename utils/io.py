@@ -2,18 +2,59 @@
 
 Every product of the pipeline is written to a temporary file in the destination folder and
 moved into place with ``os.replace`` (atomic on POSIX when source and target share a file system).
+The finished file gets the mode a plain ``open()`` would give (0666 minus the umask), not
+``mkstemp``'s 0600. A writer killed mid-write (SIGKILL, out of memory) cannot delete its
+temporary file; the temp's name carries the writer's pid, so the next write of the same target
+removes temps whose writer is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") would create
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temporaries of ``path`` left by writers that no longer run; returns them."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp$")
+    stale = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        m = pattern.match(tmp.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+            stale.append(tmp)
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob wildcards escaped (``[`` ``*`` ``?`` match literally)."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
 @contextlib.contextmanager
@@ -25,11 +66,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from utils import paths
 from utils.config import load_config
+from utils.errors import user_errors
 from utils.hipmri import layout
 from utils.hipmri.slices import plane_shape
 from utils.io import write_csv
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    cfg = load_config(CONFIG, overrides)
+    with user_errors():
+        cfg = load_config(CONFIG, overrides)
     try:
         table = build_table(paths.data_dir(cfg))
     except FileNotFoundError as err:

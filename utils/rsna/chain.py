@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from utils import paths
-from utils.config import Config
+from utils.config import Config, ConfigError
 from utils.folds import load_folds
 from utils.io import write_csv, write_text
 from utils.plots import plot_calibration, plot_localisation
@@ -36,6 +36,15 @@ from utils.rsna.metric import (
     per_target_logloss,
     score,
     validate_submission,
+)
+from utils.rsna.postprocess import (
+    crossfit_platt,
+    finalise,
+    fit_platt,
+    implausible,
+    load_calibration,
+    save_calibration,
+    shrink,
 )
 from utils.rsna.preprocess import check_cache_settings, process_study
 
@@ -135,12 +144,21 @@ def cv_report(cfg: Config) -> dict:
     if head is not None:
         preds["head"] = head[[UID, *TARGETS]]
         model = "stage 2 + patient head"
-    final = preds.get("head", preds["noisy_or"])
-    final = final.set_index("StudyInstanceUID").loc[uids].reset_index()
+    raw = preds.get("head", preds["noisy_or"])
+    raw = raw.set_index("StudyInstanceUID").loc[uids].reset_index()
+    calibrated = calibrate_oof(cfg, raw, truth, folds)
+    loc = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"), dtype={UID: str})
+    post = cfg.post
+    flags = implausible(loc, uids, float(post.min_peak), tuple(post.length_range))
+    final = shrink(calibrated, flags, priors, float(post.shrink))
     report = {
         "model": model,
         "oof_metric": score(final, truth),
         "oof_metric_global": score(final, truth, per_study=False),
+        "oof_metric_raw": score(raw, truth),
+        "oof_metric_calibrated": score(calibrated, truth),
+        "calibration": post.calibration,
+        "n_studies_implausible": int(flags[UID].nunique()),
         "baseline_prior": score(preds["prior"], truth),
         "baseline_noisy_or": score(preds["noisy_or"], truth),
         "baseline_max": score(preds["max"], truth),
@@ -161,6 +179,21 @@ def cv_report(cfg: Config) -> dict:
     return report
 
 
+def calibrate_oof(
+    cfg: Config, raw: pd.DataFrame, truth: pd.DataFrame, folds: pd.DataFrame
+) -> pd.DataFrame:
+    """Cross-fitted calibrated OOF predictions; saves the fit on every study for test time."""
+    method = cfg.post.calibration
+    if method not in ("platt", "none"):
+        raise ConfigError(f"post.calibration must be platt or none, got {method!r}")
+    if method == "none":
+        layout.calibration_json(cfg).unlink(missing_ok=True)  # a stale fit must not be applied
+        return raw
+    fold = folds.set_index(UID).loc[raw[UID], "fold"].to_numpy()
+    save_calibration(fit_platt(raw, truth), layout.calibration_json(cfg))
+    return crossfit_platt(raw, truth, fold)
+
+
 def report_markdown(r: dict) -> str:
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"  # noqa: E731
     lines = [
@@ -170,12 +203,15 @@ def report_markdown(r: dict) -> str:
         "",
         "| predictor | competition metric (per study) |",
         "|---|---|",
-        f"| **{r['model']}** | **{fmt(r['oof_metric'])}** (global {fmt(r['oof_metric_global'])}) |",
+        f"| **{r['model']}**{' + calibration' if r['calibration'] != 'none' else ''} + plausibility shrink | **{fmt(r['oof_metric'])}** (global {fmt(r['oof_metric_global'])}) |",
+        f"| {r['model']}, raw | {fmt(r['oof_metric_raw'])} |",
+        f"| {r['model']}, calibrated ({r['calibration']}, cross-fitted) | {fmt(r['oof_metric_calibrated'])} |",
         f"| stage 2 + noisy-OR | {fmt(r['baseline_noisy_or'])} |",
         f"| stage 2 + max | {fmt(r['baseline_max'])} |",
         f"| constant train prior | {fmt(r['baseline_prior'])} |",
         "",
-        f"Ratio to the constant-prior baseline: {fmt(r['ratio_to_prior'])}.",
+        f"Ratio to the constant-prior baseline: {fmt(r['ratio_to_prior'])}. "
+        f"Studies whose localisation looked implausible (shrunk toward the prior): {r['n_studies_implausible']}.",
         "",
         "| target | log loss | AUC |",
         "|---|---|---|",
@@ -184,6 +220,24 @@ def report_markdown(r: dict) -> str:
         f"| {t} | {fmt(r['per_target_logloss'][t])} | {fmt(r['per_target_auc'][t])} |"
         for t in TARGETS
     ]
+    if "cross_style" in r:  # added by utils/rsna/cross_style.py
+        c = r["cross_style"]
+        lines += [
+            "",
+            f"## Cross-style check: {c['n_studies']} studies in a style training never saw",
+            "",
+            f"Data: `{c['data']}` (the whole test chain, scored against its answers).",
+            "",
+            "| predictor | competition metric (per study) |",
+            "|---|---|",
+            f"| **this pipeline** | **{fmt(c['metric'])}** |",
+            f"| constant train prior | {fmt(c['baseline_prior'])} |",
+            f"| 0.5 everywhere | {fmt(c['baseline_half'])} |",
+            "",
+            "AUC per target: "
+            + ", ".join(f"{t} {fmt(c['per_target_auc'][t])}" for t in TARGETS)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -285,6 +339,10 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     else:
         log.warning("no patient head (stages.head=null): patient_overall by noisy-OR")
         wide = stage2_wide(p2, uids, priors, "noisy_or")
+    calibration = (
+        load_calibration(layout.calibration_json(cfg)) if cfg.post.calibration == "platt" else None
+    )
+    wide, _ = finalise(wide, loc, priors, cfg.post, calibration)
     return write_submission(rows, wide, priors, out)
 
 
@@ -295,7 +353,15 @@ def write_submission(
     long = wide.melt(
         "StudyInstanceUID", TARGETS, var_name="prediction_type", value_name="fractured"
     )
-    sub = rows.merge(long, on=["StudyInstanceUID", "prediction_type"], how="left", validate="1:1")
+    repeated = rows.row_id.duplicated()
+    if repeated.any():
+        log.warning(
+            "test.csv repeats %d row_id(s) (%s): one row each",
+            int(repeated.sum()),
+            ", ".join(rows.row_id[repeated].unique()[:3]),
+        )
+        rows = rows[~repeated]
+    sub = rows.merge(long, on=["StudyInstanceUID", "prediction_type"], how="left", validate="m:1")
     unknown = sorted(set(sub.prediction_type) - set(TARGETS))
     if unknown:
         raise SystemExit(f"error: test.csv has unknown prediction_type values {unknown}")

@@ -329,14 +329,17 @@ def study_logit_table(
 
 
 def train_priors(cfg) -> dict[str, float]:
-    """Prevalence of each target in train.csv (fills for studies/vertebrae without predictions).
+    """Add-one smoothed prevalence of each target in train.csv: (positives + 1) / (studies + 2).
 
-    A test folder without train.csv uses the priors the CV report saved from the training data.
+    The fill for studies/vertebrae without predictions and the constant-prior baseline. Smoothing
+    keeps a target that a small training set never shows positive (or always does) away from
+    0 and 1, where the clipped log loss of one surprise would be ~14. A test folder without
+    train.csv uses the priors the CV report saved from the training data.
     """
     labels_path = layout.labels_csv(paths.data_dir(cfg))
     if labels_path.is_file():
         labels = pd.read_csv(labels_path, dtype={UID: str})
-        return {t: float(labels[t].mean()) for t in TARGETS}
+        return {t: float((labels[t].sum() + 1) / (len(labels) + 2)) for t in TARGETS}
     saved = layout.priors_json(cfg)
     if not saved.is_file():
         raise SystemExit(

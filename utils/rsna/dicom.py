@@ -18,8 +18,10 @@ shared 2-core machine 2 threads were slower than 1 whenever another process was 
 default is 1.
 
 A slice that cannot be decoded (or whose size differs from the study's) is logged, listed in
-``Study.skipped`` and filled from its nearest decoded neighbour; a file whose header cannot be
-read is logged, listed and dropped.
+``Study.skipped`` and filled from its nearest decoded neighbour. A file whose header cannot be
+read has no position of its own: when the readable files' numbers map linearly onto their
+positions (as in every RSNA study), it keeps the place its number gives it and is filled the same
+way, so the slice count still pairs with a segmentation; otherwise it is logged and dropped.
 
 Writing (``write_slice``) produces deterministic Part-10 CT files in five transfer syntaxes, used
 by the tests, the benchmark and the synthetic-data generator.
@@ -298,6 +300,25 @@ def _order_slices(
     return order[kept], int((~kept).sum())
 
 
+def _positions_from_numbers(
+    positions: np.ndarray, numbers: Sequence[int], missing: Sequence[int]
+) -> np.ndarray | None:
+    """(M,) positions of the ``missing`` file numbers from the readable files' number -> position
+    line, or None when the numbering does not follow the positions (then they cannot be placed).
+
+    ``positions``: (N,) mm along the slice normal of the readable files, ``numbers`` their (N,)
+    file numbers. A line fits when every residual is under a quarter of the slice gap.
+    """
+    if len(positions) < 2 or not missing:
+        return None
+    slope, offset = np.polyfit(np.asarray(numbers, float), positions, 1)
+    gap = np.median(np.abs(np.diff(np.sort(positions))))
+    residual = np.abs(positions - (slope * np.asarray(numbers, float) + offset))
+    if gap <= 0 or abs(slope) < 0.5 * gap or residual.max() > 0.25 * gap:
+        return None
+    return slope * np.asarray(missing, float) + offset
+
+
 def _nearest(bad: np.ndarray, good: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """For each index in ``bad``, the index in ``good`` whose position is closest (head side wins)."""
     distance = np.abs(positions[bad][:, None] - positions[good][None, :])
@@ -415,7 +436,7 @@ def _read_headers(
             headers.append(read_header(path))
             numbers.append(number)
         except ValueError as err:
-            log.warning("study %s: dropping slice %d: %s", study_dir, number, err)
+            log.warning("study %s: slice %d header unreadable: %s", study_dir, number, err)
             unreadable.append(number)
     if not headers:
         raise StudyReadError(f"study {study_dir}: no readable DICOM header")
@@ -439,14 +460,26 @@ def load_study(study_dir: str | Path, backend: str = "auto", threads: int = 1) -
     shape = Counter((h.rows, h.cols) for h in headers).most_common(1)[0][0]
     normal = _feetward_normal(headers)
     all_positions = np.array([h.position @ normal for h in headers])
+    preferred = [(h.rows, h.cols) == shape and h.pixels_complete for h in headers]
+    placed = _positions_from_numbers(all_positions, numbers, unreadable)
+    slots: list[SliceHeader | None] = list(headers)
+    if placed is not None:  # unreadable headers keep their place, filled below
+        slots += [None] * len(unreadable)
+        numbers = [*numbers, *unreadable]
+        all_positions = np.concatenate([all_positions, placed])
+        preferred += [False] * len(unreadable)
+    elif unreadable:
+        log.warning(
+            "study %s: file numbers do not follow positions; dropped unreadable slices %s",
+            study_dir,
+            unreadable,
+        )
     order, n_duplicates = _order_slices(
-        all_positions,
-        np.asarray(numbers, dtype=np.int64),
-        np.array([(h.rows, h.cols) == shape and h.pixels_complete for h in headers]),
+        all_positions, np.asarray(numbers, dtype=np.int64), np.array(preferred)
     )
     if n_duplicates:
         log.warning("study %s: dropped %d slices with duplicate positions", study_dir, n_duplicates)
-    kept = [headers[i] for i in order]
+    kept = [slots[i] for i in order]
     file_numbers = np.asarray(numbers, dtype=np.int64)[order]
     positions = all_positions[order]
 
@@ -460,6 +493,7 @@ def load_study(study_dir: str | Path, backend: str = "auto", threads: int = 1) -
     if failed:
         bad = np.asarray(failed)
         hu[bad] = hu[_nearest(bad, np.setdiff1d(np.arange(len(kept)), bad), positions)]
+    readable = [h for h in kept if h is not None]
 
     return Study(
         uid=study_dir.name,
@@ -467,25 +501,28 @@ def load_study(study_dir: str | Path, backend: str = "auto", threads: int = 1) -
         file_numbers=file_numbers,
         positions=positions,
         reversed=bool(file_numbers[0] > file_numbers[-1]),
-        z_spacing=_z_spacing(positions, kept[0]),
-        pixel_spacing=Counter(h.pixel_spacing for h in kept).most_common(1)[0][0],
+        z_spacing=_z_spacing(positions, readable[0]),
+        pixel_spacing=Counter(h.pixel_spacing for h in readable).most_common(1)[0][0],
         transfer_syntaxes=tuple(sorted({h.transfer_syntax for h in headers})),
         n_files=n_files,
-        skipped=tuple(sorted(unreadable + [int(file_numbers[k]) for k in failed])),
+        skipped=tuple(sorted({*unreadable, *(int(file_numbers[k]) for k in failed)})),
         n_duplicates=n_duplicates,
     )
 
 
 def _decode_into(
-    hu: np.ndarray, headers: Sequence[SliceHeader], backend: str, threads: int
+    hu: np.ndarray, headers: Sequence[SliceHeader | None], backend: str, threads: int
 ) -> list[str]:
     """Decode ``headers[k]`` into ``hu[k]`` ((Z, H, W) float32 HU); per slice, "" or the error.
 
-    Threads pay off only for decoders that release the GIL (imagecodecs; numpy's rescale too).
+    A None header is a placed slice whose header was unreadable. Threads pay off only for
+    decoders that release the GIL (imagecodecs; numpy's rescale too).
     """
 
     def decode_one(k: int) -> str:
         header = headers[k]
+        if header is None:
+            return "header unreadable"
         if (header.rows, header.cols) != hu.shape[1:]:
             return f"size {header.rows}x{header.cols}, study is {hu.shape[1]}x{hu.shape[2]}"
         try:

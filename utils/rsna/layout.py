@@ -82,3 +82,8 @@ def stage2_labels_csv(cfg: Cfg, split: str) -> Path:
 def priors_json(cfg: Cfg) -> Path:
     """Train-label prevalences saved by the CV report, for test folders without train.csv."""
     return paths.pipeline_dir(cfg) / "train_priors.json"
+
+
+def calibration_json(cfg: Cfg) -> Path:
+    """Per-target Platt parameters fitted on the OOF predictions by the CV report (test time applies them)."""
+    return paths.pipeline_dir(cfg) / "calibration.json"

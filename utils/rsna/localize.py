@@ -21,13 +21,15 @@ import pandas as pd
 
 from utils import paths
 from utils.config import load_config
+from utils.errors import InputError, user_errors
 from utils.io import write_csv
 from utils.rsna import layout
 from utils.rsna.metric import UID, VERTEBRAE
 from utils.rsna.preprocess import BOX_COLS
 
 log = logging.getLogger(__name__)
-COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", *BOX_COLS]
+# peak: the vertebra's highest smoothed ratio in its range (a weak one marks an unsure localisation).
+COLUMNS = ["StudyInstanceUID", "vertebra", "start", "end", "n_slices", "peak", *BOX_COLS]
 SKIP_PROB = (
     0.1  # prior probability per vertebra missing above the first one seen (ordered decoding)
 )
@@ -127,10 +129,13 @@ def localize_study(
     dx, dy = margin * max(x1 - x0, 1e-3), margin * max(y1 - y0, 1e-3)
     box = np.clip([x0 - dx, y0 - dy, x1 + dx, y1 + dy], 0.0, 1.0)
     rows = []
-    for v, mask in zip(VERTEBRAE, masks, strict=True):
+    for i, (v, mask) in enumerate(zip(VERTEBRAE, masks, strict=True)):
         run = longest_run(mask)
         if run is not None:
-            rows.append([v, int(slices[run[0]]), int(slices[run[1]]), run[1] - run[0] + 1, *box])
+            peak = float(ratios[run[0] : run[1] + 1, i].max())
+            rows.append(
+                [v, int(slices[run[0]]), int(slices[run[1]]), run[1] - run[0] + 1, peak, *box]
+            )
     return pd.DataFrame(rows, columns=COLUMNS[1:])
 
 
@@ -151,7 +156,10 @@ def localize(
 
 def make_stage2_labels(cfg) -> pd.DataFrame:
     """Localise the stage-1 OOF predictions and write ``stage2_labels_oof.csv``."""
-    preds = pd.read_csv(paths.preds_csv(cfg, cfg["stages"]["vertebra"]), dtype={UID: str})
+    source = paths.preds_csv(cfg, cfg["stages"]["vertebra"])
+    if not source.is_file():
+        raise InputError(f"{source} not found: run the stage-1 OOF pass (inference.py) first")
+    preds = pd.read_csv(source, dtype={UID: str})
     table = localize(preds, **cfg["localize"])
     n_studies = preds[UID].nunique()
     found = table.groupby(UID).size()
@@ -174,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.CFG, args.overrides)
-    make_stage2_labels(cfg)
+    with user_errors():
+        cfg = load_config(args.CFG, args.overrides)
+        make_stage2_labels(cfg)
     print(f"wrote {layout.stage2_labels_csv(cfg, 'oof')}")
 
 

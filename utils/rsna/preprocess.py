@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from utils import paths
 from utils.config import load_config, progress_off
+from utils.errors import user_errors
 from utils.io import save_npy, write_csv, write_text
 from utils.rsna import layout
 from utils.rsna.dicom import StudyReadError, load_study, window
@@ -210,10 +211,35 @@ def list_jobs(data: Path, prep: Path, size: int, win: tuple[float, float]) -> li
     return jobs
 
 
+def check_inputs(data: Path) -> None:
+    """Refuse a folder that is not a competition folder before anything is written."""
+    if not data.is_dir():
+        raise SystemExit(f"error: data folder not found: {data}")
+    has_csv = layout.labels_csv(data).is_file()
+    if layout.images_dir(data, "train").is_dir() and not has_csv:
+        raise SystemExit(
+            f"error: {layout.images_dir(data, 'train')} has no {layout.labels_csv(data).name} "
+            f"beside it (the study labels): copy it from the competition data"
+        )
+    if not has_csv and not layout.images_dir(data, "test").is_dir():
+        raise SystemExit(
+            f"error: {data} is not a competition folder (no train.csv or test_images/)"
+        )
+    if not any(
+        p.is_dir()
+        for split in ("train", "test")
+        if layout.images_dir(data, split).is_dir()
+        for p in layout.images_dir(data, split).iterdir()
+    ):
+        raise SystemExit(f"error: {data}: no study folders in train_images/ or test_images/")
+
+
 def collect(prep: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rebuild ``studies.csv`` and ``stage1_labels.csv`` from the per-study parts."""
     parts = prep / "parts"
     rows = [json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))]
+    if not rows:
+        raise SystemExit("error: no study could be read (each one is named in the log above)")
     studies = pd.DataFrame(rows).sort_values(["split", "StudyInstanceUID"], ignore_index=True)
     label_files = sorted(parts.glob("*.labels.csv"))
     labels = (
@@ -229,10 +255,7 @@ def collect(prep: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def preprocess(data: Path, prep: Path, cfg: Mapping[str, Any], workers: int = 1) -> pd.DataFrame:
     """Process every study under ``data`` into ``prep``; returns the studies table."""
     size, win = int(cfg["cache"]["size"]), tuple(cfg["cache"]["window"])
-    if not layout.labels_csv(data).is_file() and not layout.images_dir(data, "test").is_dir():
-        raise SystemExit(
-            f"error: {data} is not a competition folder (no train.csv or test_images/)"
-        )
+    check_inputs(data)
     check_cache_settings(prep, size, win)
     jobs = list_jobs(data, prep, size, win)
     log.info(
@@ -290,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    cfg = load_config(CONFIG, overrides)
+    with user_errors():
+        cfg = load_config(CONFIG, overrides)
     prep = args.out_dir or paths.prep_dir(cfg)
     preprocess(paths.data_dir(cfg), prep, cfg, workers=args.workers)
     print(

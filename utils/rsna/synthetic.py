@@ -2,13 +2,20 @@
 
 Usage::
 
-    python utils/make_synthetic.py --out data/rsna_demo --preset demo [--seed 0] [--workers 2]
+    python -m utils.rsna.synthetic --out data/rsna_demo --preset demo [--seed 0] [--workers 2]
         [--overwrite]
 
 Presets: ``tiny`` (tests: 8 train + 2 test studies of 32-48 slices of 64 x 64, ~2 s), ``demo``
 (90 train studies, a third segmented, + 3 test; 80-110 slices of 256 x 256 at ~2 mm; ~1 min with 2
-workers), ``bench`` (one 300-slice 512 x 512 JPEG Lossless train study for bench/bench_dicom.py;
-header-only test CSVs).
+workers), ``unseen`` (24 test studies with their answers in test_labels.csv, no training half, in
+a style the demo never uses: the cross-style check), ``bench`` (one 300-slice 512 x 512 JPEG
+Lossless train study for bench/bench_dicom.py; header-only test CSVs).
+
+Styles (``STYLES``) set how studies look, independently of the preset's size: anatomy proportions,
+intensities, noise, blur, slice thickness (with partial volume along z) and crack drawing (width,
+contrast, extent, orientation). Each study draws one of its preset's styles: ``tiny`` uses
+``classic`` (the original, obvious cracks), ``demo`` mixes ``subtle`` and ``lean`` (faint, partial
+cracks on two anatomies), ``unseen`` uses ``unseen`` only.
 
 Layout written under ``--out`` (as the competition)::
 
@@ -45,6 +52,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
@@ -93,11 +101,74 @@ class Preset:
     crack_px: float
     odd_cases: bool  # reversed / start at 2 / non-square / signed / compressed studies
     syntax: str = "explicit"  # transfer syntax of the ordinary studies
+    styles: tuple[str, ...] = ("classic",)  # each study draws one of these (STYLES)
+
+
+Range = tuple[float, float]  # a uniform draw's (low, high)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the studies of a style look, independently of the data set's size (``Preset``).
+
+    Anatomy proportions, intensities, acquisition and crack drawing are drawn per study from
+    these ranges. A model trained on some styles and scored on another shows whether it learnt
+    fractures or the look of its training data (the cross-style report of ``make demo``).
+    """
+
+    height: Range = (0.9, 1.1)  # vertebra and disc heights (z scale)
+    c_share: Range = (0.72, 0.84)  # share of the stack the C-spine fills
+    size: Range = (0.9, 1.15)  # in-plane vertebra size
+    rotation: Range = (-8.0, 8.0)  # degrees in-plane
+    lordosis: Range = (2.0, 6.0)  # mm anterior bow
+    soft: Range = (35.0, 50.0)  # HU
+    cortical: Range = (750.0, 1000.0)  # HU
+    cancellous: Range = (320.0, 420.0)  # HU
+    noise: Range = (10.0, 14.0)  # HU, Gaussian sigma
+    thickness: Range = (1.0, 1.25)  # SliceThickness / slice spacing
+    blur: Range = (0.0, 0.0)  # in-plane Gaussian sigma (px) of the reconstruction
+    z_samples: int = 1  # sub-slices averaged over the thickness (partial volume along z)
+    crack_width: Range = (1.0, 1.0)  # x the preset's crack_px
+    crack_contrast: Range = (1.0, 1.0)  # share of the bone-to-soft-tissue drop inside a crack
+    crack_extent: Range = (1.0, 1.0)  # share of the vertebra's height a crack spans
+    crack_slope: Range = (-0.15, 0.15)  # in-plane drift (mm per mm of depth)
+    body_angle: Range = (0.0, np.pi)  # direction of a body crack's normal (radians)
+
+
+STYLES = {
+    # The original phantom: cracks are soft-tissue bands through the whole vertebra (tests).
+    "classic": Style(),
+    # Demo styles: subtle cracks (partial-volume contrast, part of the height, thin) on two
+    # different anatomies/acquisitions.
+    "subtle": Style(
+        crack_width=(0.9, 1.3), crack_contrast=(0.6, 1.0), crack_extent=(0.6, 1.0),
+        noise=(10.0, 16.0), blur=(0.0, 0.4),
+    ),
+    "lean": Style(
+        height=(1.0, 1.2), c_share=(0.78, 0.9), size=(0.82, 1.0), rotation=(-12.0, 12.0),
+        soft=(45.0, 65.0), cortical=(650.0, 900.0), cancellous=(280.0, 380.0),
+        noise=(12.0, 18.0), thickness=(1.0, 1.4), blur=(0.2, 0.5), z_samples=2,
+        crack_width=(0.9, 1.3), crack_contrast=(0.6, 1.0), crack_extent=(0.6, 1.0),
+        crack_slope=(-0.25, 0.25),
+    ),
+    # Never used for training: scored by the cross-style report.
+    "unseen": Style(
+        height=(0.8, 0.95), c_share=(0.6, 0.72), size=(1.1, 1.3), rotation=(-15.0, 15.0),
+        lordosis=(5.0, 10.0), soft=(25.0, 40.0), cortical=(900.0, 1200.0),
+        cancellous=(380.0, 500.0), noise=(22.0, 34.0), thickness=(1.5, 2.2), blur=(0.8, 1.5),
+        z_samples=3, crack_width=(0.8, 1.4), crack_contrast=(0.45, 0.95),
+        crack_extent=(0.5, 1.0), crack_slope=(0.2, 0.45), body_angle=(1.2, 1.95),
+    ),
+}  # fmt: skip
 
 
 PRESETS = {
     "tiny": Preset(8, 2, 64, (32, 48), (140.0, 180.0), 0.375, 2.0, True),
-    "demo": Preset(90, 3, 256, (80, 110), (140.0, 180.0), 1 / 3, 5.0, True),
+    "demo": Preset(
+        90, 3, 256, (80, 110), (140.0, 180.0), 1 / 3, 5.0, True, styles=("subtle", "lean")
+    ),
+    # The cross-style set: test studies only (with test_labels.csv), in the style training never saw.
+    "unseen": Preset(0, 24, 256, (80, 110), (140.0, 180.0), 0.0, 5.0, True, styles=("unseen",)),
     "bench": Preset(1, 0, 512, (300, 300), (140.0, 180.0), 0.0, 5.0, False, "jpeg_lossless"),
 }
 
@@ -193,7 +264,7 @@ def plan_split(
     if split == "train":
         for i in _pick(rng, everyone[positive], _at_least_one(int(positive.sum()), BOX_STUDY_RATE)):
             specs[i] = replace(specs[i], boxes=True)
-    if preset.odd_cases:
+    if preset.odd_cases and n:
         _plan_odd_cases(specs, segmented, rng)
     return specs
 
@@ -258,6 +329,12 @@ class Crack:
     width: float  # mm
     part: str
     shift: float = 0.0
+    contrast: float = 1.0  # 1: the crack is soft tissue; less: partial volume with the bone
+    depths: tuple[float, float] = (-np.inf, np.inf)  # mm from the vertebra's mid depth it spans
+
+    def cuts(self, depth_offset: float) -> bool:
+        """Whether the crack is drawn at ``depth_offset`` mm from the vertebra's mid depth."""
+        return self.depths[0] <= depth_offset <= self.depths[1]
 
 
 @dataclass(frozen=True)
@@ -296,6 +373,8 @@ class Geometry:
     cortical: float
     cancellous: float
     noise: float
+    blur: float = 0.0  # in-plane Gaussian sigma, px
+    z_samples: int = 1  # sub-slices averaged over the slice thickness
 
     @property
     def coverage(self) -> float:
@@ -303,13 +382,25 @@ class Geometry:
         return self.n_slices * self.dz
 
 
-def _cracks(level: int, rng: np.random.Generator, size: float, width: float) -> tuple[Crack, ...]:
-    """One or two cracks for a fractured vertebra (C1: through the ring, else body then arch)."""
+def _cracks(
+    level: int,
+    rng: np.random.Generator,
+    size: float,
+    width: float,
+    style: Style,
+    look: np.random.Generator,
+    height: float,
+) -> tuple[Crack, ...]:
+    """One or two cracks for a fractured vertebra (C1: through the ring, else body then arch).
+
+    ``rng`` draws what the classic phantom always drew; ``look`` draws the style's crack
+    appearance (width, contrast, extent over ``height`` mm), so the classic style is unchanged.
+    """
     n = 1 if rng.random() < 0.65 else 2
     shift = float(rng.uniform(0.5, 1.5) * width) if rng.random() < 0.5 else 0.0
     cracks = []
     for k in range(n):
-        slope = float(rng.uniform(-0.15, 0.15))
+        slope = float(rng.uniform(*style.crack_slope))
         if level == 1 or k == 1:
             # Through the ring/lamina on one side, running roughly anterior-posterior.
             side = rng.choice([-1.0, 1.0])
@@ -318,9 +409,23 @@ def _cracks(level: int, rng: np.random.Generator, size: float, width: float) -> 
             part = "arch"
         else:
             anchor = (float(rng.uniform(-2.5, 2.5) * size), float(rng.uniform(-2.0, 2.0) * size))
-            angle = float(rng.uniform(0.0, np.pi))
+            angle = float(rng.uniform(*style.body_angle))
             part = "body"
-        cracks.append(Crack(anchor, angle, slope, width, part, shift if k == 0 else 0.0))
+        span = float(look.uniform(*style.crack_extent)) * height
+        centre = float(look.uniform(-0.5, 0.5)) * (height - span)
+        depths = (-np.inf, np.inf) if span >= height else (centre - span / 2, centre + span / 2)
+        cracks.append(
+            Crack(
+                anchor,
+                angle,
+                slope,
+                width * float(look.uniform(*style.crack_width)),
+                part,
+                shift if k == 0 else 0.0,
+                float(look.uniform(*style.crack_contrast)),
+                depths,
+            )
+        )
     return tuple(cracks)
 
 
@@ -332,12 +437,18 @@ def _levels(
     size: float,
     crack_width: float,
     rng: np.random.Generator,
+    style: Style,
+    look: np.random.Generator,
 ) -> tuple[Level, ...]:
     """C1..C7 from depth ``top`` down, then thoracic vertebrae until the stack ends."""
     levels, depth = [], top
     for i, height in enumerate(C_HEIGHTS):
         label = i + 1
-        cracks = _cracks(label, rng, size, crack_width) if labels[i] else ()
+        cracks = (
+            _cracks(label, rng, size, crack_width, style, look, height * z_scale)
+            if labels[i]
+            else ()
+        )
         levels.append(Level(label, depth, depth + height * z_scale, LEVEL_SCALE[i], cracks))
         depth += (height + (C1_C2_GAP if label == 1 else DISC_HEIGHT)) * z_scale
     label = 8
@@ -348,18 +459,29 @@ def _levels(
     return tuple(levels)
 
 
+def study_style(spec: StudySpec, preset: Preset, seed: int) -> str:
+    """The style of one study: one of the preset's, drawn from the study's own stream."""
+    if len(preset.styles) == 1:
+        return preset.styles[0]
+    rng = np.random.default_rng([seed, 5 if spec.split == "train" else 6, spec.index])
+    return preset.styles[int(rng.integers(len(preset.styles)))]
+
+
 def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
-    """Draw one study's anatomy and acquisition from its own random stream."""
+    """Draw one study's anatomy and acquisition from its own random streams (``rng`` for what
+    the classic phantom draws, ``look`` for the style's additions)."""
+    style = STYLES[study_style(spec, preset, seed)]
     rng = np.random.default_rng([seed, 1 if spec.split == "train" else 2, spec.index])
+    look = np.random.default_rng([seed, 7 if spec.split == "train" else 8, spec.index])
     rows = preset.rows
     cols = rows + max(1, round(rows * 7 / 512)) if spec.non_square else rows
     n = int(rng.integers(preset.n_slices[0], preset.n_slices[1] + 1))
-    z_scale = rng.uniform(0.9, 1.1)
+    z_scale = rng.uniform(*style.height)
     c_length = z_scale * (sum(C_HEIGHTS) + C1_C2_GAP + 5 * DISC_HEIGHT)
-    dz = round(c_length / (rng.uniform(0.72, 0.84) * n), 2)
+    dz = round(c_length / (rng.uniform(*style.c_share) * n), 2)
     coverage = n * dz
     ps = round(rng.uniform(*preset.fov_mm) / rows, 4)
-    size = rng.uniform(0.9, 1.15)
+    size = rng.uniform(*style.size)
     shift = rng.uniform(-0.05, 0.05, size=2) * rows
     return Geometry(
         rows=rows,
@@ -367,20 +489,20 @@ def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
         n_slices=n,
         pixel_spacing=ps,
         dz=dz,
-        thickness=round(dz * rng.uniform(1.0, 1.25), 2),
+        thickness=round(dz * rng.uniform(*style.thickness), 2),
         z_top=round(rng.uniform(-250.0, 50.0), 1),
         origin_xy=(
             round(-(cols - 1) / 2 * ps + rng.uniform(-15, 15), 3),
             round(-(rows - 1) / 2 * ps + rng.uniform(-15, 15), 3),
         ),
         centre_px=((rows - 1) / 2 + shift[0], (cols - 1) / 2 + shift[1]),
-        rotation=np.deg2rad(rng.uniform(-8.0, 8.0)),
+        rotation=np.deg2rad(rng.uniform(*style.rotation)),
         size=size,
         neck_axes=(rng.uniform(50.0, 58.0), rng.uniform(44.0, 50.0)),
         fat=rng.uniform(4.0, 8.0),
         airway=rng.uniform(5.0, 8.0),
         spine_v=rng.uniform(0.0, 4.0),
-        lordosis=rng.uniform(2.0, 6.0),
+        lordosis=rng.uniform(*style.lordosis),
         levels=_levels(
             spec.labels,
             coverage * rng.uniform(0.03, 0.08),
@@ -389,11 +511,15 @@ def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
             size,
             preset.crack_px * ps,
             rng,
+            style,
+            look,
         ),
-        soft=rng.uniform(35.0, 50.0),
-        cortical=rng.uniform(750.0, 1000.0),
-        cancellous=rng.uniform(320.0, 420.0),
-        noise=rng.uniform(10.0, 14.0),
+        soft=rng.uniform(*style.soft),
+        cortical=rng.uniform(*style.cortical),
+        cancellous=rng.uniform(*style.cancellous),
+        noise=rng.uniform(*style.noise),
+        blur=float(look.uniform(*style.blur)),
+        z_samples=style.z_samples,
     )
 
 
@@ -531,7 +657,9 @@ class VertebraMasks:
 
     cortical: np.ndarray
     cancellous: np.ndarray
-    crack: np.ndarray  # bone replaced by soft tissue
+    crack: np.ndarray  # bone replaced (contrast 1) or thinned (less) by soft tissue
+    crack_cancellous: np.ndarray  # the part of ``crack`` that was cancellous bone
+    contrast: float = 1.0
 
     @property
     def bone(self) -> np.ndarray:
@@ -558,10 +686,14 @@ def _vertebra(
         (cortical, cancellous), arch = _body(level, bu, bv, depth, geom), _arch(level, au, av, geom)
     body = cortical | cancellous
     crack = none.copy()
-    for c in level.cracks:
+    drawn = [c for c in level.cracks if c.cuts(offset)]
+    for c in drawn:
         band = _crack_band(c, u, v, offset)[1]
         crack |= band & (body if c.part == "body" else arch & ~body)
-    return VertebraMasks((cortical | arch) & ~crack, cancellous & ~crack, crack)
+    contrast = max((c.contrast for c in drawn), default=1.0)
+    return VertebraMasks(
+        (cortical | arch) & ~crack, cancellous & ~crack, crack, crack & cancellous, contrast
+    )
 
 
 @dataclass
@@ -608,9 +740,9 @@ def _spine_frame(grid: Grid, geom: Geometry, depth: float) -> tuple[np.ndarray, 
     return grid.u_roi, grid.v_roi - np.float32(geom.spine_v - geom.lordosis * bow)
 
 
-def render_slice(geom: Geometry, grid: Grid, index: int) -> SliceRender:
-    """Slice ``index`` (head -> feet) of the phantom."""
-    depth = (index + 0.5) * geom.dz
+def render_slice(geom: Geometry, grid: Grid, index: int, offset: float = 0.0) -> SliceRender:
+    """Slice ``index`` (head -> feet) of the phantom, ``offset`` mm feet-ward of its centre."""
+    depth = (index + 0.5) * geom.dz + offset
     hu = np.full((geom.rows, geom.cols), AIR, dtype=np.float32)
     labels = np.zeros((geom.rows, geom.cols), dtype=np.uint8)
     _draw_neck(hu, grid, geom, depth)
@@ -627,13 +759,29 @@ def render_slice(geom: Geometry, grid: Grid, index: int) -> SliceRender:
         masks = _vertebra(level, kind, u, v, depth, geom)
         roi_hu[masks.cortical] = geom.cortical
         roi_hu[masks.cancellous] = geom.cancellous
-        roi_hu[masks.crack] = geom.soft
+        # Partial volume: a crack keeps (1 - contrast) of its bone's excess over soft tissue.
+        keep = 1.0 - masks.contrast
+        roi_hu[masks.crack] = geom.soft + keep * (geom.cortical - geom.soft)
+        roi_hu[masks.crack_cancellous] = geom.soft + keep * (geom.cancellous - geom.soft)
         roi_labels[masks.bone] = level.label
         if masks.crack.any():
             rr, cc = np.nonzero(masks.crack)
             x, y = cc.min() + grid.roi[1].start, rr.min() + grid.roi[0].start
             boxes[level.label] = (int(x), int(y), int(np.ptp(cc)) + 1, int(np.ptp(rr)) + 1)
     return SliceRender(hu, labels, boxes)
+
+
+def acquire_slice(geom: Geometry, grid: Grid, index: int) -> SliceRender:
+    """The slice as the scanner reconstructs it: HU averaged over ``z_samples`` depths across
+    the slice thickness, then blurred in-plane; labels and boxes of the slice centre."""
+    render = render_slice(geom, grid, index)
+    if geom.z_samples > 1:
+        depths = np.linspace(-geom.thickness / 2, geom.thickness / 2, geom.z_samples + 2)[1:-1]
+        sub = [render_slice(geom, grid, index, d).hu for d in depths]
+        render.hu = np.mean(sub, axis=0, dtype=np.float32)
+    if geom.blur > 0:
+        render.hu = cv2.GaussianBlur(render.hu, (0, 0), geom.blur)
+    return render
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -657,7 +805,7 @@ def write_study(spec: StudySpec, preset: Preset, seed: int, root: Path) -> tuple
     seg = np.zeros((geom.n_slices, geom.rows, geom.cols), np.uint8) if spec.segmented else None
     boxes = []
     for i in range(geom.n_slices):
-        render = render_slice(geom, grid, i)
+        render = acquire_slice(geom, grid, i)
         noise = noise_rng.standard_normal(render.hu.shape, dtype=np.float32)
         number = _file_number(spec, geom.n_slices, i)
         write_slice(
@@ -703,12 +851,13 @@ def _write_tables(specs: list[StudySpec], boxes: list[tuple], root: Path) -> Non
     """The competition CSVs plus test_labels.csv."""
     train = [s for s in specs if s.split == "train"]
     test = [s for s in specs if s.split == "test"]
-    write_csv(_label_frame(train), root / "train.csv")
     write_csv(_label_frame(test), root / "test_labels.csv")
-    box_frame = pd.DataFrame(boxes, columns=BOX_COLS).astype(
-        {"x": float, "y": float, "width": float, "height": float, "slice_number": int}
-    )
-    write_csv(box_frame, root / "train_bounding_boxes.csv")
+    if train:  # a test-only set (preset unseen) has no training half at all
+        write_csv(_label_frame(train), root / "train.csv")
+        box_frame = pd.DataFrame(boxes, columns=BOX_COLS).astype(
+            {"x": float, "y": float, "width": float, "height": float, "slice_number": int}
+        )
+        write_csv(box_frame, root / "train_bounding_boxes.csv")
     types = [*VERTEBRAE, "patient_overall"]
     test_rows = [(f"{s.uid}_{t}", s.uid, t) for s in test for t in types]
     test_frame = pd.DataFrame(test_rows, columns=["row_id", "StudyInstanceUID", "prediction_type"])
@@ -752,7 +901,8 @@ def generate(
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        for sub in ("train_images", "test_images", "segmentations"):
+        subs = ("train_images", "segmentations") if config.n_train else ()
+        for sub in (*subs, "test_images"):
             (partial / sub).mkdir(parents=True)
         jobs = [(spec, config, seed, partial) for spec in specs]
         if workers > 1:
@@ -811,7 +961,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    summary = generate(args.out, args.preset, args.seed, args.workers, args.overwrite)
+    try:
+        summary = generate(args.out, args.preset, args.seed, args.workers, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps(summary))
     return summary
 

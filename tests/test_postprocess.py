@@ -1,0 +1,115 @@
+"""Calibration and the plausibility shrink (utils/rsna/postprocess.py) on hand-made inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from utils.rsna.metric import TARGETS, VERTEBRAE, per_target_logloss
+from utils.rsna.postprocess import (
+    apply_platt,
+    crossfit_platt,
+    fit_platt,
+    implausible,
+    shrink,
+)
+
+
+def _frames(n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Overconfident predictions (logit x 3 of a calibrated score) and their labels."""
+    rng = np.random.default_rng(seed)
+    score = rng.normal(0, 1.5, size=(n, 8))
+    y = (rng.random((n, 8)) < 1 / (1 + np.exp(-score))).astype(int)
+    uids = [f"1.2.{i}" for i in range(n)]
+    pred = pd.DataFrame(1 / (1 + np.exp(-3 * score)), columns=TARGETS).assign(StudyInstanceUID=uids)
+    truth = pd.DataFrame(y, columns=TARGETS).assign(StudyInstanceUID=uids)
+    return pred, truth
+
+
+def test_platt_undoes_overconfidence():
+    pred, truth = _frames(400, 0)
+    params = fit_platt(pred, truth)
+    for t in TARGETS:
+        assert params[t][0] == pytest.approx(1 / 3, abs=0.12), t  # the slope undoes the x3
+    before, after = (
+        per_target_logloss(pred, truth),
+        per_target_logloss(apply_platt(pred, params), truth),
+    )
+    assert all(after[t] < before[t] for t in TARGETS)
+
+
+def test_crossfit_calibrates_each_fold_with_the_other_folds_fit():
+    pred, truth = _frames(90, 1)
+    fold = np.arange(90) % 3
+    out = crossfit_platt(pred, truth, fold)
+    rest = fold != 0
+    expected = apply_platt(pred[~rest], fit_platt(pred[rest], truth[rest]))
+    np.testing.assert_allclose(out.loc[~rest, TARGETS], expected[TARGETS])
+
+
+def test_anti_correlated_predictions_fall_back_to_the_prevalence():
+    pred, truth = _frames(200, 2)
+    flipped = pred.assign(**{t: 1 - pred[t] for t in TARGETS})
+    params = fit_platt(flipped, truth)
+    for t in TARGETS:
+        a, b = params[t]
+        prevalence = (truth[t].sum() + 1) / (len(truth) + 2)
+        assert a == 0 and 1 / (1 + np.exp(-b)) == pytest.approx(prevalence), t
+
+
+def _loc(uid: str, starts, lengths, peaks) -> pd.DataFrame:
+    rows = [
+        (uid, v, s, s + n - 1, n, p, 0.1, 0.1, 0.9, 0.9)
+        for v, s, n, p in zip(VERTEBRAE, starts, lengths, peaks, strict=True)
+        if s is not None
+    ]
+    cols = [
+        "StudyInstanceUID",
+        "vertebra",
+        "start",
+        "end",
+        "n_slices",
+        "peak",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+GOOD = dict(starts=[0, 10, 20, 30, 40, 50, 60], lengths=[8] * 7, peaks=[0.9] * 7)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "targets"),
+    [
+        ({}, None, []),
+        ({"starts": [0, 10, None, 30, 40, 50, 60]}, "missing C3", TARGETS),
+        ({"lengths": [8, 8, 8, 30, 8, 8, 8]}, "range length C4", TARGETS),
+        ({"lengths": [8, 8, 8, 8, 8, 2, 8]}, "range length C6", TARGETS),
+        ({"starts": [0, 10, 20, 40, 30, 50, 60]}, "ranges out of order", TARGETS),
+        ({"peaks": [0.9, 0.9, 0.9, 0.9, 0.2, 0.9, 0.9]}, "weak peak C5", ["C5", "patient_overall"]),
+    ],
+)
+def test_implausible_localisations_are_flagged(change, reason, targets):
+    loc = _loc("1.2.3", **{**GOOD, **change})
+    flags = implausible(loc, ["1.2.3", "9.9.9"], min_peak=0.5, length_range=(0.4, 2.5))
+    assert sorted(flags.target) == sorted(targets)
+    if reason:
+        assert flags.reason.str.contains(reason, regex=False).all()
+
+
+def test_shrink_moves_flagged_logits_toward_the_prior():
+    wide = pd.DataFrame(
+        [["1.2.3", *[0.95] * 8], ["4.5.6", *[0.95] * 8]], columns=["StudyInstanceUID", *TARGETS]
+    )
+    flags = pd.DataFrame(
+        [("1.2.3", "C2", "weak peak C2")], columns=["StudyInstanceUID", "target", "reason"]
+    )
+    out = shrink(wide, flags, dict.fromkeys(TARGETS, 0.2), factor=0.5)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert logit(out.loc[0, "C2"]) == pytest.approx((logit(0.95) + logit(0.2)) / 2)
+    others = out.drop(columns="StudyInstanceUID").to_numpy().ravel()
+    assert (np.delete(others, TARGETS.index("C2")) == 0.95).all()

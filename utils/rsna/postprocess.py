@@ -1,0 +1,167 @@
+"""Final predictions -> what is submitted: calibration, then a plausibility check of the localisation.
+
+The same two steps run in the OOF CV report (so their effect is measured) and in the test chain:
+
+1. **Calibration** (``post.calibration: platt``): per target, ``p' = sigmoid(a * logit(p) + b)``
+   fitted by logistic regression on the OOF predictions. The report scores cross-fitted values
+   (each fold calibrated by the other folds' fit); the test chain applies the fit on every OOF
+   study, saved as ``calibration.json`` beside the CV report.
+2. **Plausibility**: stage 2 only sees what stage-1 localisation hands it. A study whose
+   vertebra ranges look wrong (a vertebra missing, a range far shorter or longer than the
+   study's others, ranges out of order) or a vertebra whose ratio peak is weak is where a model
+   meets anatomy or an acquisition it has not learnt; there every affected logit is moved
+   ``post.shrink`` of the way back to the train prior's logit, and the study is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+
+from utils.io import write_text
+from utils.rsna.metric import TARGETS, UID, VERTEBRAE
+
+log = logging.getLogger(__name__)
+EPS = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+# ---- calibration --------------------------------------------------------------------------------
+def fit_platt(wide: pd.DataFrame, truth: pd.DataFrame) -> dict[str, list[float]]:
+    """Per target (a, b) of ``sigmoid(a * logit(p) + b)`` fitted on ``wide`` vs ``truth``.
+
+    Both frames: UID + the 8 targets, rows in the same order. A target with one class only keeps
+    the identity (1, 0): there is nothing to fit. A negative slope (the predictions rank these
+    studies worse than chance) is not turned into a flipped ranking: the target then gets its
+    smoothed prevalence (a = 0).
+    """
+    params = {}
+    for t in TARGETS:
+        y = truth[t].to_numpy(int)
+        if y.min() == y.max():
+            params[t] = [1.0, 0.0]
+            continue
+        x = _logit(wide[t].to_numpy())[:, None]
+        model = LogisticRegression(C=1.0).fit(x, y)
+        a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+        if a < 0:  # a ranking worse than chance on these studies: trust only the prevalence
+            a, b = 0.0, float(_logit(np.array((y.sum() + 1) / (len(y) + 2))))
+        params[t] = [a, b]
+    return params
+
+
+def apply_platt(wide: pd.DataFrame, params: Mapping[str, list[float]]) -> pd.DataFrame:
+    """``wide`` with every target recalibrated by its (a, b)."""
+    out = wide.copy()
+    for t in TARGETS:
+        a, b = params[t]
+        out[t] = _sigmoid(a * _logit(wide[t].to_numpy()) + b)
+    return out
+
+
+def crossfit_platt(wide: pd.DataFrame, truth: pd.DataFrame, fold: np.ndarray) -> pd.DataFrame:
+    """OOF-honest calibration: the rows of fold k calibrated by a fit on the other folds."""
+    out = wide.copy()
+    for k in np.unique(fold):
+        rest = fold != k
+        params = fit_platt(wide[rest], truth[rest])
+        out.loc[~rest, TARGETS] = apply_platt(wide[~rest], params)[TARGETS].to_numpy()
+    return out
+
+
+def save_calibration(params: Mapping[str, list[float]], path: Path) -> Path:
+    return write_text(json.dumps(params, indent=2), path)
+
+
+def load_calibration(path: Path) -> dict[str, list[float]] | None:
+    """The saved fit, or None (logged) when the CV report has not written one."""
+    if not path.is_file():
+        log.warning("no calibration fit at %s (run the CV report): predictions uncalibrated", path)
+        return None
+    return json.loads(path.read_text())
+
+
+# ---- plausibility -------------------------------------------------------------------------------
+def implausible(
+    loc: pd.DataFrame, uids: list[str], min_peak: float, length_range: tuple[float, float]
+) -> pd.DataFrame:
+    """Which predictions to distrust: rows (UID, target, reason) for the studies ``uids``.
+
+    ``loc``: the localisation table (utils/rsna/localize.py: StudyInstanceUID, vertebra, start,
+    end, n_slices, peak, ...). A study-level fault (missing vertebra, a range outside
+    ``length_range`` x the study's median range, ranges out of order) flags all 8 targets of the
+    study; a weak peak (< ``min_peak``) flags that vertebra and patient_overall.
+    """
+    rows = []
+    by_study = dict(tuple(loc.groupby(UID, sort=False)))
+    for uid in uids:
+        study = by_study.get(uid)
+        if study is None or study.empty:
+            continue  # no vertebra found: every target is the prior already
+        study = study.set_index("vertebra").reindex(VERTEBRAE)
+        reasons = []
+        missing = study.index[study["start"].isna()].tolist()
+        if missing:
+            reasons.append(f"missing {','.join(missing)}")
+        found = study.dropna(subset=["start"])
+        rel = found["n_slices"] / found["n_slices"].median()
+        odd = found.index[(rel < length_range[0]) | (rel > length_range[1])].tolist()
+        if odd:
+            reasons.append(f"range length {','.join(odd)}")
+        if (np.diff(found["start"].to_numpy()) < 0).any():
+            reasons.append("ranges out of order")
+        if reasons:
+            rows += [(uid, t, "; ".join(reasons)) for t in TARGETS]
+            continue
+        weak = found.index[found["peak"] < min_peak].tolist()
+        for v in weak:
+            rows.append((uid, v, f"weak peak {v}"))
+        if weak:
+            rows.append((uid, "patient_overall", f"weak peak {','.join(weak)}"))
+    return pd.DataFrame(rows, columns=[UID, "target", "reason"])
+
+
+def shrink(
+    wide: pd.DataFrame, flags: pd.DataFrame, priors: Mapping[str, float], factor: float
+) -> pd.DataFrame:
+    """``wide`` with each flagged (study, target) logit moved ``factor`` of the way to the prior's."""
+    out = wide.set_index(UID)
+    for (uid, target), _ in flags.groupby([UID, "target"]):
+        prior = _logit(np.array(priors[target]))
+        own = _logit(np.array(out.at[uid, target]))
+        out.at[uid, target] = float(_sigmoid(own + factor * (prior - own)))
+    for uid, group in flags.groupby(UID, sort=True):
+        log.info("study %s: localisation implausible (%s): shrunk toward the prior", uid,
+                 group["reason"].iloc[0])  # fmt: skip
+    return out.reset_index()
+
+
+def finalise(
+    wide: pd.DataFrame,
+    loc: pd.DataFrame,
+    priors: Mapping[str, float],
+    post: Mapping[str, Any],
+    calibration: Mapping[str, list[float]] | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test-time post-processing: (submitted predictions, the plausibility flags)."""
+    if calibration is not None:
+        wide = apply_platt(wide, calibration)
+    flags = implausible(
+        loc, wide[UID].tolist(), float(post["min_peak"]), tuple(post["length_range"])
+    )
+    return shrink(wide, flags, priors, float(post["shrink"])), flags
