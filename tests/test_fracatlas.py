@@ -18,6 +18,7 @@ import torch
 import train
 from utils import paths
 from utils.config import load_config
+from utils.errors import InputError
 from utils.fold_split import main as folds_main
 from utils.fracatlas import layout
 from utils.fracatlas.datasets import FractureImages
@@ -282,7 +283,7 @@ def test_splits_final_is_the_fold_file_on_nnunet_cases(tiny):
 
 def test_guided_input_shape_and_map_alignment(tiny):
     cfg = load_config(ROOT / "config" / "fracatlas" / "classifier_guided.yaml", tiny)
-    with pytest.raises(FileNotFoundError, match="segment"):  # no maps yet: names the step
+    with pytest.raises(InputError, match="segment"):  # no maps yet: names the step
         FractureImages.load_table(cfg)
     # Maps as segment.py writes them: here the image itself, so alignment is checkable.
     maps = paths.seg_maps(cfg, "oof")

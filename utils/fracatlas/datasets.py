@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils import paths
+from utils.errors import InputError
 from utils.fracatlas.folds import read_cases, training_pool
 from utils.fracatlas.images import letterbox
 from utils.fracatlas.layout import ID
@@ -61,7 +62,7 @@ def _with_files(cfg, table: pd.DataFrame, split: str, guide: bool) -> pd.DataFra
         table = table.assign(map=[str(maps / f"{c}.png") for c in table[CASE]])
         absent = [m for m in table["map"] if not Path(m).is_file()]
         if absent:
-            raise FileNotFoundError(
+            raise InputError(
                 f"{len(absent)} nnU-Net maps missing (e.g. {absent[0]}); run "
                 f"python -m utils.fracatlas.segment --CFG config/fracatlas/base.yaml {split} first"
             )

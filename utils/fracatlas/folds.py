@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from utils import paths
+from utils.errors import InputError
 from utils.fracatlas.images import UNREADABLE
 from utils.fracatlas.preprocess import cases_csv
 from utils.registry import FoldInputs
@@ -21,7 +22,7 @@ def read_cases(cfg) -> pd.DataFrame:
     """``cases.csv`` of the conversion (ids as str, empty paths as ""), unreadable images dropped."""
     path = cases_csv(paths.nnunet_raw_dataset(cfg))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found; run python -m utils.preprocess_data --pipeline fracatlas first"
         )
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -35,7 +36,7 @@ def training_pool(cfg) -> pd.DataFrame:
     table = read_cases(cfg)
     table = table[table["split"] == "train"].reset_index(drop=True)
     if table.empty:
-        raise ValueError("cases.csv has no readable training-pool image")
+        raise InputError("cases.csv has no readable training-pool image")
     return table
 
 

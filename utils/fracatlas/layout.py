@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from utils.errors import InputError
+
 log = logging.getLogger(__name__)
 
 ID = (
@@ -66,10 +68,10 @@ def scan_images(root: Path) -> pd.DataFrame:
     """Every image file under ``images/{Fractured,Non_fractured}/``: ``image_id, path, folder_label``.
 
     A file name found in both folders keeps its first occurrence (Fractured) and the other is
-    logged and skipped. Missing ``images/``: ``FileNotFoundError``.
+    logged and skipped. Missing ``images/``: :class:`InputError`.
     """
     if not (Path(root) / "images").is_dir():
-        raise FileNotFoundError(f"{Path(root) / 'images'} not found: data_dir must hold images/")
+        raise InputError(f"{Path(root) / 'images'} not found: data_dir must hold images/")
     rows: dict[str, tuple[str, str, int]] = {}
     for folder, label in FOLDERS.items():
         for path in sorted(image_dir(root, folder).glob("*")):
@@ -87,7 +89,7 @@ def read_dataset_csv(root: Path) -> pd.DataFrame:
     """``dataset.csv`` (BOM tolerated) -> ``image_id, fractured`` (+ the other columns present).
 
     Missing file: an empty table (the folders and COCO still give labels); a file without
-    ``image_id`` or ``fractured``: ``ValueError``.
+    ``image_id`` or ``fractured``: :class:`InputError`.
     """
     path = dataset_csv(root)
     if not path.is_file():
@@ -97,7 +99,7 @@ def read_dataset_csv(root: Path) -> pd.DataFrame:
     table.columns = [str(c).strip() for c in table.columns]
     missing = {ID, "fractured"} - set(table.columns)
     if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)} (has {list(table.columns)})")
+        raise InputError(f"{path}: missing columns {sorted(missing)} (has {list(table.columns)})")
     dup = table[ID].duplicated()
     if dup.any():
         log.warning("%s: %d duplicated image ids, keeping the first", path, int(dup.sum()))

@@ -40,7 +40,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import paths
-from utils.config import Config, ConfigError, load_config
+from utils.config import Config, load_config
+from utils.errors import InputError, user_errors
 from utils.fracatlas import layout
 from utils.fracatlas.images import UNREADABLE, UnreadableImage, rasterise, read_gray, resize_pair
 from utils.io import write_csv, write_text
@@ -149,7 +150,7 @@ def plan_cases(data: Path, cfg: Config) -> tuple[pd.DataFrame, dict[str, list]]:
         )
     table = pd.DataFrame(rows)
     if table.empty:
-        raise FileNotFoundError(f"no image files under {data / 'images'}")
+        raise InputError(f"no image files under {data / 'images'}")
     table.insert(0, CASE, case_ids(table[layout.ID]))
     train_pool = table["split"] == "train"
     table["nnunet_train"] = (
@@ -293,16 +294,17 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    try:
+    with user_errors():
         cfg = load_config(CONFIG, overrides)
         data = paths.data_dir(cfg)
         out = args.out_dir or paths.nnunet_raw_dataset(cfg)
         if is_current(data, out, cfg):
             print(f"{out} is current (same inputs and prep settings): skipped")
             return out
-        table = convert(data, out, cfg)
-    except (FileNotFoundError, ValueError, ConfigError, json.JSONDecodeError) as err:
-        raise SystemExit(f"error: {err}") from None
+        try:
+            table = convert(data, out, cfg)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{layout.coco_json(data)}: not valid JSON ({err})") from None
     print(f"wrote {out}: {summary(table)}")
     return out
 

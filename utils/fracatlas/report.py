@@ -25,7 +25,8 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from utils import paths  # noqa: E402
-from utils.config import Config, ConfigError, load_config  # noqa: E402
+from utils.config import Config, load_config  # noqa: E402
+from utils.errors import user_errors  # noqa: E402
 from utils.fracatlas.folds import read_cases  # noqa: E402
 from utils.fracatlas.layout import ID  # noqa: E402
 from utils.fracatlas.metric import classification_metrics, seg_cases, seg_metrics  # noqa: E402
@@ -227,11 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--CFG", required=True, help="config/fracatlas/base.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.CFG, args.overrides)
-        print(after_oof(cfg))
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    with user_errors():
+        print(after_oof(load_config(args.CFG, args.overrides)))
 
 
 if __name__ == "__main__":

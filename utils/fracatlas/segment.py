@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from utils import nnunet, paths
 from utils.config import Config, ConfigError, load_config
+from utils.errors import InputError
 from utils.folds import load_folds, with_folds, write_nnunet_splits
 from utils.fracatlas.folds import read_cases
 from utils.fracatlas.layout import ID
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {write_splits(cfg)}")
         else:
             run_split(cfg, args.step)
-    except (ConfigError, nnunet.NnunetError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, InputError, nnunet.NnunetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
