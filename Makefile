@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-hipmri demo-multitask test test-slow bench lint kaggle-bundle
+.PHONY: demo demo-hipmri demo-fracatlas demo-multitask test test-slow bench lint kaggle-bundle
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(VENV)/.installed
 
 demo-hipmri: $(VENV)/.installed
 	PROFILE=demo PYTHON=$(PY) sh train.sh hipmri
+
+demo-fracatlas: $(VENV)/.installed
+	PROFILE=demo PYTHON=$(PY) sh train.sh fracatlas
 
 # Three multi-task nnU-Net trainers on synthetic pancreas CT (CPU, ~20 min): table of DSC, macro-F1, s/case.
 demo-multitask: $(VENV)/.installed

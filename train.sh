@@ -4,9 +4,10 @@
 #
 #   sh train.sh [PIPELINE] [DATA_DIR] [key=value ...]   # or: DATA_DIR=... FOLDS=5 PROFILE=full sh train.sh
 #
-#   PIPELINE  rsna (default) | hipmri | pancreas. `sh train.sh` alone is the RSNA demo; `sh train.sh DATA_DIR` = `sh train.sh rsna DATA_DIR`
+#   PIPELINE  rsna (default) | hipmri | fracatlas | pancreas. `sh train.sh` alone is the RSNA demo; `sh train.sh DATA_DIR` = `sh train.sh rsna DATA_DIR`
 #   DATA_DIR  the data set's folder in its published layout (RSNA: train.csv, train_images/, segmentations/,
 #             test.csv, test_images/; HipMRI: keras_slices_{train,validate,test}/ + keras_slices_seg_*/;
+#             FracAtlas: the unzipped download with images/, Annotations/COCO JSON/, dataset.csv, Utilities/;
 #             pancreas: train/subtype<k>/, validation/subtype<k>/, test/);
 #             unset: the synthetic demo data is generated into data/<pipeline>_demo first
 #   PROFILE   full (default with DATA_DIR) | demo (default without): config profile of every stage
@@ -130,6 +131,43 @@ hipmri() {
     echo "report: $PRODUCTS/cv_report.md    overlays: $PRODUCTS/test_overlays/    ($(( (SECONDS - T0) / 60 )) min)"
 }
 
+fracatlas() {
+    # One torch thread per process on the shared 2-core machine (see hipmri); nnU-Net's own
+    # worker counts come from nnunet.n_proc / n_proc_da (utils/nnunet.py).
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    local cfg=config/fracatlas/base.yaml
+    need_data dataset.csv
+
+    step "1. convert: JPG + COCO polygons -> nnU-Net raw dataset + cases.csv under $PRODUCTS/nnunet/raw"
+    "$PYTHON" -m utils.preprocess_data --pipeline fracatlas "${COMMON[@]}"
+
+    step "2. folds (stratified, shared by nnU-Net and both classifiers) -> $PRODUCTS/folds.csv"
+    "$PYTHON" -m utils.fold_split --CFG "$cfg" "${COMMON[@]}"
+
+    step "3. nnU-Net: plan and preprocess (nnUNetv2_plan_and_preprocess), splits_final.json from the fold file"
+    "$PYTHON" -m utils.nnunet --CFG "$cfg" plan "${COMMON[@]}"
+    "$PYTHON" -m utils.fracatlas.segment --CFG "$cfg" splits "${COMMON[@]}"
+
+    step "4. nnU-Net: train every fold (nnUNetv2_train)"
+    "$PYTHON" -m utils.nnunet --CFG "$cfg" train all "${COMMON[@]}"
+
+    step "5. nnU-Net: OOF predictions + maps on every training image, test predictions (fold ensemble), evaluation"
+    "$PYTHON" -m utils.fracatlas.segment --CFG "$cfg" oof "${COMMON[@]}"
+    "$PYTHON" -m utils.fracatlas.segment --CFG "$cfg" test "${COMMON[@]}"
+
+    local stage
+    for stage in classifier classifier_guided; do
+        step "6. $stage: all folds, OOF predictions, test predictions"
+        "$PYTHON" train.py --CFG "config/fracatlas/$stage.yaml" --fold all "${COMMON[@]}"
+        "$PYTHON" inference.py --CFG "config/fracatlas/$stage.yaml" --split oof "${COMMON[@]}"
+        "$PYTHON" inference.py --CFG "config/fracatlas/$stage.yaml" --split test "${COMMON[@]}"
+    done
+
+    step "7. CV report"
+    "$PYTHON" -m utils.fracatlas.report --CFG "$cfg" "${COMMON[@]}"
+    echo "report: $PRODUCTS/cv_report.md    ROC: $PRODUCTS/cv_roc.png    overlays: $PRODUCTS/overlays/    ($(( (SECONDS - T0) / 60 )) min)"
+}
+
 pancreas() {
     local cfg=config/pancreas/base.yaml trainer
     need_data train
@@ -159,6 +197,6 @@ pancreas() {
 }
 
 case "$PIPELINE" in
-    rsna | hipmri | pancreas) "$PIPELINE" ;;
-    *) echo "error: sh train.sh $PIPELINE: no recipe for this pipeline yet (rsna, hipmri, pancreas)" >&2; exit 2 ;;
+    rsna | hipmri | fracatlas | pancreas) "$PIPELINE" ;;
+    *) echo "error: sh train.sh $PIPELINE: no recipe for this pipeline yet (rsna, hipmri, fracatlas, pancreas)" >&2; exit 2 ;;
 esac

@@ -9,24 +9,28 @@ from utils.registry import MODELS, load_pipeline
 
 load_pipeline("rsna")  # registers the models of every pipeline
 load_pipeline("hipmri")
+load_pipeline("fracatlas")
 
 BATCHES = {
     "vertebra_bbox_ratio": lambda: {"image": torch.randn(2, 5, 64, 64), "z": torch.rand(2)},
     "fracture_seq": lambda: {"image": torch.randn(2, 4, 5, 48, 48)},
     "patient_head": lambda: {"logits": torch.randn(3, 7), "missing": torch.zeros(3, 7)},
     "hipmri_unet": lambda: {"image": torch.randn(2, 1, 64, 32)},
+    "fracatlas_classifier": lambda: {"image": torch.randn(2, 2, 64, 64)},
 }
 PARAMS = {
     "vertebra_bbox_ratio": {"in_chans": 5},
     "fracture_seq": {"in_chans": 5, "hidden": 16},
     "patient_head": {},
     "hipmri_unet": {"features": [4, 8, 16], "n_conv": 1, "scale": 0.5},
+    "fracatlas_classifier": {"in_chans": 2, "encoder": {"backbone": "resnet10t"}},
 }
 SHAPES = {
     "vertebra_bbox_ratio": {"box": (2, 4), "ratio_logits": (2, 7), "ratios": (2, 7)},
     "fracture_seq": {"logit": (2,), "attention": (2, 4), "embedding": (2, 32)},
     "patient_head": {"logits": (3, 8)},
     "hipmri_unet": {"logits": (2, 6, 64, 32)},
+    "fracatlas_classifier": {"logits": (2,)},
 }
 
 

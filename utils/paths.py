@@ -192,3 +192,27 @@ def kaggle_competition_candidates(root: Path, slug: str) -> list[Path]:
 def bundle_manifest(code: Path) -> Path:
     """``bundle.json`` of a code bundle (``make kaggle-bundle``): its runs folder, config and profile."""
     return Path(code) / "bundle.json"
+
+
+# ---- FracAtlas (nnU-Net OOF / test products and the classifiers' second channel) -----------------
+def seg_predictions(cfg: Cfg, split: str) -> Path:
+    """nnU-Net masks + probabilities of ``oof`` (each fold's model on its own fold) or ``test`` (fold ensemble)."""
+    return pipeline_dir(cfg) / "nnunet" / f"predictions_{split}"
+
+
+def seg_summary(cfg: Cfg, split: str) -> Path:
+    """nnU-Net's evaluation (``summary.json``: Dice / IoU per case and mean) of ``oof`` or ``test``."""
+    return pipeline_dir(cfg) / "nnunet" / f"evaluation_{split}.json"
+
+
+def seg_maps(cfg: Cfg, split: str) -> Path:
+    """Fracture probability maps (uint8 PNG, 255 = 1.0) per case: the mask-guided classifier's 2nd channel."""
+    return pipeline_dir(cfg) / f"maps_{split}"
+
+
+def overlays_dir(cfg: Cfg) -> Path:
+    return pipeline_dir(cfg) / "overlays"
+
+
+def roc_png(cfg: Cfg) -> Path:
+    return pipeline_dir(cfg) / "cv_roc.png"
