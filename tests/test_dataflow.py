@@ -37,7 +37,7 @@ from utils.rsna.datasets import (
 from utils.rsna.dicom import window, write_slice
 from utils.rsna.localize import main as stage2_labels_main
 from utils.rsna.metric import TARGETS, per_target_logloss, score
-from utils.rsna.postprocess import crossfit_platt, fit_platt, implausible, shrink
+from utils.rsna.postprocess import crossfit_platt, fit_platt, implausible, reference, shrink
 from utils.rsna.preprocess import main as prep_main
 from utils.rsna.synthetic import PRESETS, StudySpec, write_study
 
@@ -438,7 +438,12 @@ def test_cv_report_oof_file_is_the_calibrated_and_checked_head_output(runs):
     calibrated = crossfit_platt(raw, truth, fold)
     loc = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"), dtype={"StudyInstanceUID": str})
     post = cfg.post
-    flags = implausible(loc, uids, post.min_peak, tuple(post.length_range))
+    ref = reference(loc)
+    saved_ref = json.loads(layout.plausibility_json(cfg).read_text())
+    assert saved_ref.keys() == ref.keys() == set(VERT)
+    for v in VERT:
+        assert saved_ref[v] == pytest.approx(ref[v], nan_ok=True), v
+    flags = implausible(loc, uids, post.min_peak, tuple(post.length_range), ref)
     expected = shrink(calibrated, flags, train_priors(cfg), post.shrink)
     np.testing.assert_allclose(final[TARGETS], expected[TARGETS], rtol=1e-9)
     assert not np.allclose(final[TARGETS], raw[TARGETS])  # calibration did something

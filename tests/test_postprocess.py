@@ -12,6 +12,7 @@ from utils.rsna.postprocess import (
     crossfit_platt,
     fit_platt,
     implausible,
+    reference,
     shrink,
 )
 
@@ -95,7 +96,8 @@ GOOD = dict(starts=[0, 10, 20, 30, 40, 50, 60], lengths=[8] * 7, peaks=[0.9] * 7
 )
 def test_implausible_localisations_are_flagged(change, reason, targets):
     loc = _loc("1.2.3", **{**GOOD, **change})
-    flags = implausible(loc, ["1.2.3", "9.9.9"], min_peak=0.5, length_range=(0.4, 2.5))
+    ref = reference(_loc("1.2.3", **GOOD))  # the training studies: all alike
+    flags = implausible(loc, ["1.2.3", "9.9.9"], min_peak=0.5, length_range=(0.4, 2.5), ref=ref)
     assert sorted(flags.target) == sorted(targets)
     if reason:
         assert flags.reason.str.contains(reason, regex=False).all()
@@ -113,3 +115,18 @@ def test_shrink_moves_flagged_logits_toward_the_prior():
     assert logit(out.loc[0, "C2"]) == pytest.approx((logit(0.95) + logit(0.2)) / 2)
     others = out.drop(columns="StudyInstanceUID").to_numpy().ravel()
     assert (np.delete(others, TARGETS.index("C2")) == 0.95).all()
+
+
+def test_plausibility_is_judged_against_the_training_studies():
+    """A one-slice C1 and low ratio peaks are normal when the training studies show them."""
+    usual = dict(
+        starts=[0, 1, 20, 30, 40, 50, 60], lengths=[1, 17, 8, 8, 8, 8, 8], peaks=[0.05] + [0.3] * 6
+    )
+    ref = reference(_loc("1.2.3", **usual))
+    assert ref["C1"] == {"length": 1.0, "peak": 0.05, "presence": 1.0}
+    same = implausible(_loc("4.5.6", **usual), ["4.5.6"], 0.5, (0.4, 2.5), ref)
+    assert same.empty
+    rare_c1 = {**ref, "C1": {**ref["C1"], "presence": 0.5}}
+    no_c1 = _loc("4.5.6", **{**usual, "starts": [None, 1, 20, 30, 40, 50, 60]})
+    assert implausible(no_c1, ["4.5.6"], 0.5, (0.4, 2.5), rare_c1).empty
+    assert len(implausible(no_c1, ["4.5.6"], 0.5, (0.4, 2.5), ref)) == 8

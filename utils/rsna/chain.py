@@ -46,8 +46,9 @@ from utils.rsna.postprocess import (
     finalise,
     fit_platt,
     implausible,
-    load_calibration,
-    save_calibration,
+    load_json,
+    reference,
+    save_json,
     shrink,
 )
 from utils.rsna.preprocess import check_cache_settings, process_study
@@ -153,7 +154,9 @@ def cv_report(cfg: Config) -> dict:
     calibrated = calibrate_oof(cfg, raw, truth, folds)
     loc = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"), dtype={UID: str})
     post = cfg.post
-    flags = implausible(loc, uids, float(post.min_peak), tuple(post.length_range))
+    ref = reference(loc)
+    save_json(ref, layout.plausibility_json(cfg))
+    flags = implausible(loc, uids, float(post.min_peak), tuple(post.length_range), ref)
     final = shrink(calibrated, flags, priors, float(post.shrink))
     report = {
         "model": model,
@@ -194,7 +197,7 @@ def calibrate_oof(
         layout.calibration_json(cfg).unlink(missing_ok=True)  # a stale fit must not be applied
         return raw
     fold = folds.set_index(UID).loc[raw[UID], "fold"].to_numpy()
-    save_calibration(fit_platt(raw, truth), layout.calibration_json(cfg))
+    save_json(fit_platt(raw, truth), layout.calibration_json(cfg))
     return crossfit_platt(raw, truth, fold)
 
 
@@ -410,10 +413,10 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     else:
         log.warning("no patient head (stages.head=null): patient_overall by noisy-OR")
         wide = stage2_wide(p2, done, priors, "noisy_or")
-    calibration = (
-        load_calibration(layout.calibration_json(cfg)) if cfg.post.calibration == "platt" else None
-    )
-    wide, _ = finalise(wide, loc, priors, cfg.post, calibration)
+    platt = cfg.post.calibration == "platt"
+    calibration = load_json(layout.calibration_json(cfg), "calibration fit") if platt else None
+    ref = load_json(layout.plausibility_json(cfg), "plausibility reference")
+    wide, _ = finalise(wide, loc, priors, cfg.post, calibration, ref)
     return write_submission(rows, wide, priors, out)
 
 

@@ -87,3 +87,8 @@ def priors_json(cfg: Cfg) -> Path:
 def calibration_json(cfg: Cfg) -> Path:
     """Per-target Platt parameters fitted on the OOF predictions by the CV report (test time applies them)."""
     return paths.pipeline_dir(cfg) / "calibration.json"
+
+
+def plausibility_json(cfg: Cfg) -> Path:
+    """Per-vertebra reference of the OOF localisation (utils/rsna/postprocess.reference)."""
+    return paths.pipeline_dir(cfg) / "plausibility.json"

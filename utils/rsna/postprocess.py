@@ -7,10 +7,11 @@ The same two steps run in the OOF CV report (so their effect is measured) and in
    (each fold calibrated by the other folds' fit); the test chain applies the fit on every OOF
    study, saved as ``calibration.json`` beside the CV report.
 2. **Plausibility**: stage 2 only sees what stage-1 localisation hands it. A study whose
-   vertebra ranges look wrong (a vertebra missing, a range far shorter or longer than the
-   study's others, ranges out of order) or a vertebra whose ratio peak is weak is where a model
-   meets anatomy or an acquisition it has not learnt; there every affected logit is moved
-   ``post.shrink`` of the way back to the train prior's logit, and the study is logged.
+   vertebra ranges look unlike the training studies' (``plausibility.json``, saved by the report:
+   a vertebra missing that they nearly always show, a range far shorter or longer than usual,
+   ranges out of order) or a vertebra whose ratio peak is weak is where a model meets anatomy or
+   an acquisition it has not learnt; there every affected logit is moved ``post.shrink`` of the
+   way back to the train prior's logit, and the study is logged.
 """
 
 from __future__ import annotations
@@ -84,42 +85,65 @@ def crossfit_platt(wide: pd.DataFrame, truth: pd.DataFrame, fold: np.ndarray) ->
     return out
 
 
-def save_calibration(params: Mapping[str, list[float]], path: Path) -> Path:
-    return write_text(json.dumps(params, indent=2), path)
-
-
-def load_calibration(path: Path) -> dict[str, list[float]] | None:
-    """The saved fit, or None (logged) when the CV report has not written one."""
-    if not path.is_file():
-        log.warning("no calibration fit at %s (run the CV report): predictions uncalibrated", path)
-        return None
-    return json.loads(path.read_text())
+def save_json(content: Any, path: Path) -> Path:
+    return write_text(json.dumps(content, indent=2), path)
 
 
 # ---- plausibility -------------------------------------------------------------------------------
+def reference(loc: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """What stage-1 localisation looks like on the training studies (from the OOF table).
+
+    Per vertebra: the median range length (slices, ``length``), the median ratio peak (``peak``)
+    and the share of studies where it was found (``presence``). Plausibility is judged against
+    these, not against absolute numbers: a model's ratio scale and a data set's anatomy (C1 is
+    one or two slices where the dens overlaps it) differ.
+    """
+    n = max(loc[UID].nunique(), 1)
+    by = loc.groupby("vertebra")
+    return {
+        v: {
+            "length": float(by["n_slices"].median().get(v, np.nan)),
+            "peak": float(by["peak"].median().get(v, np.nan)),
+            "presence": float(by[UID].nunique().get(v, 0) / n),
+        }
+        for v in VERTEBRAE
+    }
+
+
 def implausible(
-    loc: pd.DataFrame, uids: list[str], min_peak: float, length_range: tuple[float, float]
+    loc: pd.DataFrame,
+    uids: list[str],
+    min_peak: float,
+    length_range: tuple[float, float],
+    ref: Mapping[str, Mapping[str, float]],
 ) -> pd.DataFrame:
     """Which predictions to distrust: rows (UID, target, reason) for the studies ``uids``.
 
     ``loc``: the localisation table (utils/rsna/localize.py: StudyInstanceUID, vertebra, start,
-    end, n_slices, peak, ...). A study-level fault (missing vertebra, a range outside
-    ``length_range`` x the study's median range, ranges out of order) flags all 8 targets of the
-    study; a weak peak (< ``min_peak``) flags that vertebra and patient_overall.
+    end, n_slices, peak, ...); ``ref``: :func:`reference` of the training studies. A study-level
+    fault flags all 8 targets: a vertebra missing that the training studies nearly always show
+    (presence >= 0.9), a range length outside ``length_range`` x its reference (after the study's
+    own scale, the median of those ratios), ranges out of order. A peak below ``min_peak`` x its
+    reference flags that vertebra and patient_overall.
     """
     rows = []
     by_study = dict(tuple(loc.groupby(UID, sort=False)))
+    ref_len = pd.Series({v: ref[v]["length"] for v in VERTEBRAE})
+    ref_peak = pd.Series({v: ref[v]["peak"] for v in VERTEBRAE})
     for uid in uids:
         study = by_study.get(uid)
         if study is None or study.empty:
             continue  # no vertebra found: every target is the prior already
         study = study.set_index("vertebra").reindex(VERTEBRAE)
         reasons = []
-        missing = study.index[study["start"].isna()].tolist()
+        missing = [
+            v for v in VERTEBRAE if np.isnan(study.at[v, "start"]) and ref[v]["presence"] >= 0.9
+        ]
         if missing:
             reasons.append(f"missing {','.join(missing)}")
         found = study.dropna(subset=["start"])
-        rel = found["n_slices"] / found["n_slices"].median()
+        rel = found["n_slices"] / ref_len[found.index]
+        rel = rel / rel.median()
         odd = found.index[(rel < length_range[0]) | (rel > length_range[1])].tolist()
         if odd:
             reasons.append(f"range length {','.join(odd)}")
@@ -128,7 +152,7 @@ def implausible(
         if reasons:
             rows += [(uid, t, "; ".join(reasons)) for t in TARGETS]
             continue
-        weak = found.index[found["peak"] < min_peak].tolist()
+        weak = found.index[found["peak"] < min_peak * ref_peak[found.index]].tolist()
         for v in weak:
             rows.append((uid, v, f"weak peak {v}"))
         if weak:
@@ -157,11 +181,22 @@ def finalise(
     priors: Mapping[str, float],
     post: Mapping[str, Any],
     calibration: Mapping[str, list[float]] | None,
+    ref: Mapping[str, Mapping[str, float]] | None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Test-time post-processing: (submitted predictions, the plausibility flags)."""
     if calibration is not None:
         wide = apply_platt(wide, calibration)
+    if ref is None:
+        return wide, pd.DataFrame(columns=[UID, "target", "reason"])
     flags = implausible(
-        loc, wide[UID].tolist(), float(post["min_peak"]), tuple(post["length_range"])
+        loc, wide[UID].tolist(), float(post["min_peak"]), tuple(post["length_range"]), ref
     )
     return shrink(wide, flags, priors, float(post["shrink"])), flags
+
+
+def load_json(path: Path, what: str) -> Any:
+    """A file the CV report saved, or None (logged) when it has not written one."""
+    if not path.is_file():
+        log.warning("no %s at %s (run the CV report): not applied", what, path)
+        return None
+    return json.loads(path.read_text())
