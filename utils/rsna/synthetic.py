@@ -103,6 +103,7 @@ class Preset:
     odd_cases: bool  # reversed / start at 2 / non-square / signed / compressed studies
     syntax: str = "explicit"  # transfer syntax of the ordinary studies
     styles: tuple[str, ...] = ("classic",)  # each study draws one of these (STYLES)
+    style_weights: tuple[float, ...] | None = None  # their probabilities (None: equal)
 
 
 Range = tuple[float, float]  # a uniform draw's (low, high)
@@ -176,7 +177,8 @@ PRESETS = {
         1 / 3,
         5.0,
         True,
-        styles=("classic",),
+        styles=("classic", "subtle", "lean"),
+        style_weights=(0.5, 0.25, 0.25),
     ),
     # The cross-style set: test studies only (with test_labels.csv), in the style training never saw.
     "unseen": Preset(0, 24, 256, (80, 110), (140.0, 180.0), 0.0, 5.0, True, styles=("unseen",)),
@@ -475,7 +477,9 @@ def study_style(spec: StudySpec, preset: Preset, seed: int) -> str:
     if len(preset.styles) == 1:
         return preset.styles[0]
     rng = np.random.default_rng([seed, 5 if spec.split == "train" else 6, spec.index])
-    return preset.styles[int(rng.integers(len(preset.styles)))]
+    weights = preset.style_weights
+    p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    return preset.styles[int(rng.choice(len(preset.styles), p=p))]
 
 
 def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
