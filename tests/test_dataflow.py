@@ -269,6 +269,26 @@ def test_stage1_stack_centre_channel_is_the_labelled_slice(tmp_path, in_chans, s
                 np.testing.assert_allclose(sample["ratios"].numpy(), ratios[i], rtol=1e-6)
 
 
+def test_stage1_z_jitter_only_in_training_and_within_its_range(tmp_path):
+    """z jitter is training augmentation: validation and inference must see the exact z."""
+    n = 21
+    _save_volume(tmp_path, "s", _z_volume(n, 16, 16))
+    table = pd.DataFrame({"StudyInstanceUID": "s", "slice": np.arange(n)})
+    table[VERT] = 0.0
+    table[BOX] = [(0.1, 0.2, 0.6, 0.9)] * n
+    table["vertebrae"] = 0
+    exact = np.arange(n) / (n - 1)
+    kwargs = dict(image_size=16, in_chans=3, aug=1.0, z_jitter=0.2)
+    for train_mode in (False, True):
+        ds = VertebraSlices(table, _dataset_cfg(tmp_path), train=train_mode, **kwargs)
+        z = np.array([float(ds[i]["z"]) for i in range(n)])
+        if not train_mode:
+            np.testing.assert_allclose(z, exact, rtol=1e-6)
+            continue
+        assert np.abs(z - exact).max() > 0.02  # it does move
+        assert (z >= 0.8 * exact - 0.1 - 1e-6).all() and (z <= 1.2 * exact + 0.1 + 1e-6).all()
+
+
 # ---- fault 7: the losses against the metric they stand for ----------------------------------------
 def test_competition_loss_equals_the_per_study_competition_metric(tiny_cfg):
     loss = build_loss(tiny_cfg("patient_head"))
