@@ -7,8 +7,8 @@ Usage::
 
 Presets: ``tiny`` (tests: 8 train + 2 test studies of 32-48 slices of 64 x 64, ~2 s), ``demo``
 (90 train studies of mixed styles, a third segmented, + 3 test; 80-110 slices of 256 x 256 at
-~2 mm; ~1 min with 2 workers), ``unseen`` (24 test studies with their answers in test_labels.csv, no training half, in
-a style the demo never uses: the cross-style check), ``bench`` (one 300-slice 512 x 512 JPEG
+~2 mm; ~1 min with 2 workers), ``unseen`` (24 test studies with their answers in test_labels.csv,
+no training half, in a style the demo never uses: the cross-style check), ``bench`` (one 300-slice 512 x 512 JPEG
 Lossless train study for bench/bench_dicom.py; header-only test CSVs).
 
 Styles (``STYLES``) set how studies look, independently of the preset's size: anatomy proportions,
@@ -155,7 +155,7 @@ STYLES = {
         crack_width=(0.9, 1.3), crack_contrast=(0.7, 1.0), crack_extent=(0.7, 1.0),
         crack_slope=(-0.25, 0.25),
     ),
-    # Never used for training (nor by any test that trains): scored by the cross-style report.
+    # Never used for training: scored by the cross-style report.
     "unseen": Style(
         height=(0.8, 0.95), c_share=(0.6, 0.72), size=(1.1, 1.3), rotation=(-15.0, 15.0),
         lordosis=(5.0, 10.0), soft=(25.0, 40.0), cortical=(900.0, 1200.0),
