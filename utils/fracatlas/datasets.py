@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from utils import paths
 from utils.errors import InputError
@@ -29,6 +28,7 @@ from utils.fracatlas.layout import ID
 from utils.fracatlas.metric import ranking_metrics
 from utils.fracatlas.preprocess import CASE, cases_csv
 from utils.registry import DATASETS
+from utils.seed import EpochSeededDataset
 
 
 def augmentation(strength: float) -> A.Compose:
@@ -70,7 +70,7 @@ def _with_files(cfg, table: pd.DataFrame, split: str, guide: bool) -> pd.DataFra
 
 
 @DATASETS.register("fracatlas_images")
-class FractureImages(Dataset):
+class FractureImages(EpochSeededDataset):
     """One image per row: ``image`` (in_chans, S, S) float32, ``fractured`` () float32 0/1.
 
     The grayscale X-ray (scaled to [-1, 1]) fills ``in_chans`` channels, or ``in_chans - 1``
@@ -91,17 +91,9 @@ class FractureImages(Dataset):
     ):
         if in_chans < 1 + int(guide):
             raise ValueError(f"in_chans={in_chans} leaves no image channel with guide={guide}")
-        self.table = table.reset_index(drop=True)
+        super().__init__(table, cfg["seed"])
         self.size, self.in_chans, self.guide = int(image_size), int(in_chans), bool(guide)
-        self.seed = int(cfg["seed"])
-        self.epoch = 0
         self.transform = augmentation(aug) if train and aug else None
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
@@ -136,8 +128,7 @@ class FractureImages(Dataset):
             raw = cv2.imread(row["map"], cv2.IMREAD_GRAYSCALE)
             fmap = letterbox(raw.astype(np.float32) / 255.0, self.size)
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            self.transform.set_random_seed(int(rng.integers(2**31)))
+            self.transform.set_random_seed(int(self.rng(index).integers(2**31)))
             out = self.transform(image=img, **({"mask": fmap} if fmap is not None else {}))
             img, fmap = out["image"], out.get("mask")
         x = img.astype(np.float32) / 127.5 - 1.0

@@ -22,7 +22,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from utils import paths
 from utils.hipmri import layout
@@ -32,6 +31,7 @@ from utils.hipmri.preprocess import slices_csv
 from utils.hipmri.slices import fit, normalise, plane_shape, read_image, read_mask, unfit
 from utils.io import write_csv
 from utils.registry import DATASETS
+from utils.seed import EpochSeededDataset
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(CLASSES)
@@ -57,7 +57,7 @@ def augmentation(strength: float) -> A.Compose:
 
 
 @DATASETS.register("hipmri_slices")
-class HipSlices(Dataset):
+class HipSlices(EpochSeededDataset):
     """One slice per row: ``image`` (1, H, W) float32 z-scored, ``mask`` (H, W) int64 (when known).
 
     ``(H, W)`` is ``image_size``: slices are centre-cropped or padded to it (padding takes the
@@ -75,18 +75,10 @@ class HipSlices(Dataset):
         image_size: Sequence[int] = (256, 128),
         aug: float = 1.0,
     ):
-        self.table = table.reset_index(drop=True)
+        super().__init__(table, cfg["seed"])
         self.size = (int(image_size[0]), int(image_size[1]))
-        self.seed = int(cfg["seed"])
-        self.epoch = 0
         self.has_masks = "mask" in self.table and bool((self.table["mask"] != "").all())
         self.transform = augmentation(aug) if train and aug else None
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
@@ -108,8 +100,7 @@ class HipSlices(Dataset):
         img = fit(img, self.size, fill=float(img.min()))
         mask = fit(read_mask(row["mask"], N_CLASSES), self.size, fill=0) if self.has_masks else None
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            self.transform.set_random_seed(int(rng.integers(2**31)))
+            self.transform.set_random_seed(int(self.rng(index).integers(2**31)))
             out = self.transform(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
         sample = {"image": torch.from_numpy(np.ascontiguousarray(img))[None]}

@@ -34,6 +34,7 @@ from utils.registry import DATASETS
 from utils.rsna import layout
 from utils.rsna.metric import TARGETS, UID, VERTEBRAE, score
 from utils.rsna.preprocess import BOX_COLS
+from utils.seed import EpochSeededDataset
 
 
 @lru_cache(maxsize=64)
@@ -104,27 +105,16 @@ def train_aug(strength: float, with_boxes: bool = False) -> A.Compose:
     return A.Compose(ops, bbox_params=bbox, seed=0)
 
 
-class _CacheDataset(Dataset):
-    """Common parts: table, prep dir, per-sample seeding of the augmentation."""
+class _CacheDataset(EpochSeededDataset):
+    """Common parts: the prep dir's volume cache and the train-only augmentation strength."""
 
     def __init__(
         self, table: pd.DataFrame, cfg: Mapping[str, Any], train: bool, aug: float, prep=None
     ):
-        self.table = table.reset_index(drop=True)
+        super().__init__(table, cfg["seed"])
         self.prep = Path(prep) if prep is not None else paths.prep_dir(cfg)
         self.train = train
-        self.seed = int(cfg["seed"])
-        self.epoch = 0
         self.aug = aug if train else 0.0
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
 
     def volume(self, uid: str) -> np.ndarray:
         return _volume(str(layout.volume_path(self.prep, uid)))
