@@ -28,6 +28,7 @@ from utils.registry import build_loss
 from utils.rsna import layout
 from utils.rsna.chain import read_test_rows, studies_to_predict, write_submission
 from utils.rsna.datasets import (
+    StudyLogits,
     VertebraSequences,
     VertebraSlices,
     slice_table,
@@ -101,6 +102,59 @@ def test_submission_rows_without_prediction_get_their_targets_train_prevalence(t
         assert got[f"{seen}_{t}"] == pytest.approx(float(wide.iloc[0][t]), abs=1e-12), t
     written = pd.read_csv(tmp_path / "submission.csv").set_index("row_id").fractured
     np.testing.assert_allclose(written.loc[got.index], got, rtol=1e-12)
+
+
+# ---- the patient head's input: a vertebra without a stage-2 prediction ----------------------------
+def test_a_vertebra_without_stage2_prediction_enters_the_head_at_its_train_prior(tiny_cfg):
+    """Its logit is its own target's prior logit (not 0, i.e. p = 0.5) and ``missing`` is 1."""
+    priors = dict(zip(TARGET_ORDER, [0.45, 0.04, 0.12, 0.06, 0.05, 0.09, 0.15, 0.2], strict=True))
+    given = {v: 0.3 * (i + 1) - 1.0 for i, v in enumerate(VERT)}
+    found = [v for v in VERT if v != "C3"]  # C3 of study A and every vertebra of study B: none
+    preds = pd.DataFrame(
+        [("1.2.A", v, given[v]) for v in reversed(found)],
+        columns=["StudyInstanceUID", "vertebra", "logit"],
+    )
+    table = study_logit_table(preds, priors, ["1.2.A", "1.2.B"])
+    ds = StudyLogits(table, tiny_cfg("patient_head"), train=False)
+    for i, uid in enumerate(["1.2.A", "1.2.B"]):
+        sample = ds[i]
+        assert table.StudyInstanceUID[i] == uid
+        for j, v in enumerate(VERT):
+            known = uid == "1.2.A" and v in found
+            expected = given[v] if known else np.log(priors[v] / (1 - priors[v]))
+            assert float(sample["logits"][j]) == pytest.approx(expected, abs=1e-6), (uid, v)
+            assert float(sample["missing"][j]) == (0.0 if known else 1.0), (uid, v)
+
+
+# ---- stage-2 labels: each vertebra's flag by column name ----------------------------------------
+def test_stage2_sequences_take_each_vertebras_label_by_name(tmp_path):
+    """train.csv columns are matched by name: C_i's sequence gets C_i's flag, whatever the order
+    of the columns (the competition's is StudyInstanceUID, patient_overall, C1..C7)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    uids = [f"1.2.{k}" for k in range(4)]
+    flags = np.array([[(k + i) % 3 == 0 for i in range(7)] for k in range(4)], int)
+    labels = pd.DataFrame(flags, columns=VERT)
+    labels.insert(0, "patient_overall", flags.max(axis=1))
+    labels.insert(0, "StudyInstanceUID", uids)
+    ranges = pd.DataFrame(
+        [(u, v, 3, 9, 0.1, 0.1, 0.9, 0.9) for u in uids for v in VERT],
+        columns=["StudyInstanceUID", "vertebra", "start", "end", *BOX],
+    )
+    cfg = {"data_dir": str(data), "output_dir": str(out), "pipeline": "rsna"}
+    layout.stage2_labels_csv(cfg, "oof").parent.mkdir(parents=True)
+    ranges.to_csv(layout.stage2_labels_csv(cfg, "oof"), index=False)
+    for columns in (
+        list(labels.columns),
+        ["C4", "StudyInstanceUID", *VERT[::-1][:-1], "patient_overall"],
+    ):
+        columns = [c for c in dict.fromkeys(columns + list(labels.columns))]
+        labels[columns].to_csv(data / "train.csv", index=False)
+        table = VertebraSequences.load_table(cfg)
+        assert len(table) == 4 * 7
+        for row in table.itertuples():
+            k, i = uids.index(row.StudyInstanceUID), VERT.index(row.vertebra)
+            assert row.fractured == flags[k, i], (row.StudyInstanceUID, row.vertebra, columns)
 
 
 # ---- fault 2: the placeholder test.csv fallback ---------------------------------------------------

@@ -22,7 +22,7 @@ from utils.fold_split import main as folds_main
 from utils.hipmri import layout
 from utils.hipmri.datasets import MaskWriter
 from utils.hipmri.losses import CeDice
-from utils.hipmri.metric import dice_counts, dice_from_counts, dice_per_class
+from utils.hipmri.metric import dice_counts, dice_from_counts, dice_per_class, dice_summary
 from utils.hipmri.preprocess import build_table
 from utils.hipmri.preprocess import main as prep_main
 from utils.hipmri.slices import fit, read_image, read_mask, unfit
@@ -145,6 +145,13 @@ def test_dice_on_known_masks():
     pooled = dice_from_counts(dice_counts(pred[0], truth[0]) + dice_counts(pred[1], truth[1]))
     np.testing.assert_allclose(pooled, dice, equal_nan=True)
     assert dice_per_class(truth, truth)[[0, 1, 5]].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_foreground_dice_mean_leaves_the_background_out():
+    dice = np.array([0.99, 0.5, 0.6, np.nan, 0.8, 0.7])  # background, body, ..., prostate
+    summary = dice_summary(dice)
+    assert summary["dice_mean_fg"] == pytest.approx(np.mean([0.5, 0.6, 0.8, 0.7]))
+    assert summary["dice_background"] == 0.99 and summary["dice_prostate"] == 0.7
 
 
 def test_ce_dice_loss_prefers_the_truth():
@@ -303,6 +310,36 @@ def test_report_dice_is_rescored_from_the_written_masks(tiny, tmp_path):
     )
     for name, d in zip(report["dice"], dice_from_counts(counts), strict=True):
         assert report["dice"][name] == (None if np.isnan(d) else pytest.approx(d, abs=1e-4)), name
+
+
+def test_reported_foreground_means_leave_the_background_out(tiny, tmp_path):
+    """The test report's and the validation metric's foreground mean: the five organs, not six."""
+    _, output, ov = tiny
+    inference.main(["--CFG", str(STAGE), "--split", "test", "--out", str(tmp_path / "m"), *ov])
+    report = json.loads((output / "hipmri" / "cv_report.json").read_text())
+    organs = [report["dice"][c] for c in ("body", "bone", "bladder", "rectum", "prostate")]
+    organs = [d for d in organs if d is not None]
+    assert report["dice_mean_foreground"] == pytest.approx(np.mean(organs), abs=2e-4)
+    assert report["dice"]["background"] != pytest.approx(np.mean(organs), abs=1e-3)
+    metrics = pd.read_csv(output / "hipmri" / "unet" / "fold0" / "metrics.csv").iloc[-1]
+    organs = [f"val_dice_{c}" for c in ("body", "bone", "bladder", "rectum", "prostate")]
+    assert metrics["val_dice_mean_fg"] == pytest.approx(np.nanmean(metrics[organs]), rel=1e-9)
+    assert metrics["val_dice_background"] != pytest.approx(metrics["val_dice_mean_fg"], abs=1e-3)
+
+
+def test_patient_grouped_folds_keep_every_patient_in_one_fold(tiny, tmp_path):
+    """split: folds draws folds over the slices with each patient's slices in a single fold."""
+    data, _, ov = tiny
+    out = tmp_path / "folds.csv"
+    base = str(ROOT / "config" / "hipmri" / "base.yaml")
+    assert folds_main(["--CFG", base, "--out", str(out), *ov, "split=folds", "n_folds=3"]) == 0
+    folds = pd.read_csv(out, dtype=str)
+    table = build_table(data).astype({layout.ID: str})
+    merged = folds.merge(table, on=layout.ID, validate="1:1")
+    assert len(merged) == len(table[table["split"] != "test"])
+    assert merged["fold"].nunique() == 3
+    assert merged.groupby("patient")["fold"].nunique().max() == 1
+    assert merged.groupby("patient").size().min() > 1  # patients really have several slices
 
 
 def test_given_split_folds_follow_the_folders_and_keep_patients_whole(tiny):

@@ -130,3 +130,29 @@ def test_plausibility_is_judged_against_the_training_studies():
     no_c1 = _loc("4.5.6", **{**usual, "starts": [None, 1, 20, 30, 40, 50, 60]})
     assert implausible(no_c1, ["4.5.6"], 0.5, (0.4, 2.5), rare_c1).empty
     assert len(implausible(no_c1, ["4.5.6"], 0.5, (0.4, 2.5), ref)) == 8
+
+
+def test_each_target_is_calibrated_with_its_own_fit():
+    """Per-target parameters stay with their target (by name): each target is overconfident by
+    its own factor, so a fit or an application shifted to the neighbouring target shows."""
+    rng = np.random.default_rng(5)
+    n = 600
+    factors = dict(zip(TARGETS, [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0], strict=True))
+    score = rng.normal(0, 1.5, size=(n, 8))
+    y = (rng.random((n, 8)) < 1 / (1 + np.exp(-score))).astype(int)
+    uids = [f"1.3.{i}" for i in range(n)]
+    logits = score * np.array([factors[t] for t in TARGETS])
+    # Columns in a scrambled order: nothing may rely on the position of a target.
+    order = TARGETS[::-1]
+    pred = pd.DataFrame(1 / (1 + np.exp(-logits)), columns=TARGETS)[order]
+    pred.insert(0, "StudyInstanceUID", uids)
+    truth = pd.DataFrame(y, columns=TARGETS)[order[3:] + order[:3]].assign(StudyInstanceUID=uids)
+    params = fit_platt(pred, truth)
+    for t in TARGETS:
+        assert params[t][0] == pytest.approx(1 / factors[t], rel=0.25), t
+    out = apply_platt(pred, params)
+    for t in TARGETS:
+        a, b = params[t]
+        q = pred[t].clip(1e-6, 1 - 1e-6)  # the clip of every logit taken of a probability
+        x = np.log(q / (1 - q))
+        np.testing.assert_allclose(out[t], 1 / (1 + np.exp(-(a * x + b))), rtol=1e-9, err_msg=t)
