@@ -18,15 +18,14 @@ folder).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
-from utils import paths
-from utils.config import Config, load_config
-from utils.errors import user_errors
+from utils import cli, paths
+from utils.config import Config
+from utils.errors import InputError
 from utils.folds import load_folds, with_folds
-from utils.predict import is_fresh, load_models, make_writer, predict_to, run_config
+from utils.predict import is_fresh, load_models, predict_to, run_config
 from utils.registry import DATASETS, load_pipeline
 
 log = logging.getLogger("inference")
@@ -36,20 +35,18 @@ def oof_predictions(run: Config, id_col: str) -> Path:
     """Write the stage's out-of-fold predictions; returns their path."""
     dataset = DATASETS.get(run.dataset.name)
     out = paths.preds_csv(run)
-    inputs = dataset.oof_inputs(run) if hasattr(dataset, "oof_inputs") else []
-    if is_fresh(out, run, inputs):
+    if is_fresh(out, run, dataset.oof_inputs(run)):
         log.info("%s is newer than every checkpoint and input: reusing it", out)
         return out
     folds = load_folds(paths.folds_csv(run), id_col)
-    table = getattr(dataset, "oof_table", dataset.load_table)(run)
-    table = with_folds(table, folds, id_col)
+    table = with_folds(dataset.oof_table(run), folds, id_col)
     models = load_models(run)
     missing = sorted(set(folds["fold"]) - set(models))
     if missing:
-        raise SystemExit(
-            f"error: '{run.exp_name}' has no trained model for folds {missing}: OOF would be incomplete"
+        raise InputError(
+            f"'{run.exp_name}' has no trained model for folds {missing}: OOF would be incomplete"
         )
-    with make_writer(run, out, table) as writer:
+    with dataset.make_writer(run, out, table) as writer:
         for k in sorted(models):
             predict_to(writer, run, [models[k]], table[table["fold"] == k])
     log.info(
@@ -61,33 +58,22 @@ def oof_predictions(run: Config, id_col: str) -> Path:
 def test_predictions(run: Config, out: Path) -> Path:
     """Fold-mean predictions of one stage on the test rows its dataset finds in ``data_dir``."""
     dataset = DATASETS.get(run.dataset.name)
-    if not hasattr(dataset, "test_table"):
-        raise SystemExit(
-            f"error: dataset '{run.dataset.name}' defines no test rows (test_table) and pipeline "
-            f"'{run.pipeline}' no test-time chain"
-        )
     table = dataset.test_table(run)
-    with make_writer(run, out, table) as writer:
+    with dataset.make_writer(run, out, table) as writer:
         predict_to(writer, run, load_models(run).values(), table)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="stage config whose trained runs predict")
+    parser = cli.parser(__doc__)
     parser.add_argument(
         "--data-dir", default=None, help="data folder (default: the config's data_dir)"
     )
     parser.add_argument("--split", default="oof", choices=["oof", "test"])
     parser.add_argument("--out", type=Path, default=None, help="output file of --split test")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    with user_errors():
-        cfg = load_config(args.CFG, overrides)
+    with cli.running():
+        cfg = cli.load(args, [f"data_dir={args.data_dir}"] if args.data_dir else [])
         pipeline = load_pipeline(cfg.pipeline)
         if args.split == "test":
             if pipeline.test is not None:

@@ -17,9 +17,7 @@ See docs/scaling.md.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -27,12 +25,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from utils import distributed, paths
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import Config, ConfigError, diff_configs, load_config, save_config
+from utils import cli, distributed, paths
+from utils.checkpoint import resume_state, save_checkpoint
+from utils.config import Config, save_config
 from utils.distributed import DistInfo
 from utils.engine import (
     autocast,
+    build_optimizer,
     make_loader,
     needs_scaler,
     predict,
@@ -42,7 +41,7 @@ from utils.engine import (
     to_device,
     unwrap_model,
 )
-from utils.errors import user_errors
+from utils.errors import InputError
 from utils.folds import load_folds, with_folds
 from utils.io import write_csv
 from utils.plots import plot_curves
@@ -54,7 +53,7 @@ from utils.registry import (
     check_components,
     load_pipeline,
 )
-from utils.seed import process_rank, seed_everything
+from utils.seed import seed_everything
 from utils.tracking import Tracker, make_tracker
 
 log = logging.getLogger("train")
@@ -67,41 +66,13 @@ def split_table(cfg: Config, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = DATASETS.get(cfg.dataset.name).load_table(cfg)
     table = with_folds(table, load_folds(paths.folds_csv(cfg), id_col), id_col)
     if table.empty:
-        raise SystemExit(
-            f"error: no rows of {cfg.dataset.name} have a fold in {paths.folds_csv(cfg)}"
-        )
+        raise InputError(f"no rows of {cfg.dataset.name} have a fold in {paths.folds_csv(cfg)}")
     train, val = table[table.fold != fold], table[table.fold == fold]
     if train.empty or val.empty:
-        raise SystemExit(
-            f"error: fold {fold} leaves no {'training' if train.empty else 'validation'} rows"
+        raise InputError(
+            f"fold {fold} leaves no {'training' if train.empty else 'validation'} rows"
         )
     return train, val
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int):
-    """AdamW (no decay on biases and norms) + linear warm-up and cosine decay, stepped per batch."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.train.lr,
-    )
-    total = max(1, cfg.train.epochs * steps_per_epoch)
-    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
-    floor = cfg.train.min_lr / cfg.train.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # ---- epochs -------------------------------------------------------------------------------------
@@ -134,29 +105,6 @@ def train_one_epoch(
 
 
 # ---- one fold -----------------------------------------------------------------------------------
-def add_file_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return handler
-
-
-def resume_state(cfg: Config, run: Path) -> dict | None:
-    """The ``last.pth`` state to continue from, None for a fresh start; error on a config mismatch."""
-    last = run / "last.pth"
-    if cfg.resume == "never" or not last.is_file():
-        return None
-    state = load_checkpoint(last)
-    changed = diff_configs(state["config"], cfg.to_dict())
-    if changed:
-        raise SystemExit(
-            f"error: {last} was trained with a different config ({', '.join(changed)}); "
-            "use another exp_name/output_dir, delete the run, or pass resume=never"
-        )
-    log.info("resuming from %s (epoch %d done)", last, state["epoch"] + 1)
-    return state
-
-
 def run_fold(
     cfg: Config,
     fold: int,
@@ -176,7 +124,7 @@ def run_fold(
     if state is not None and state["epoch"] + 1 >= cfg.train.epochs:
         log.info("fold %d already trained (%d epochs) in %s: skipping", fold, cfg.train.epochs, run)
         return state["best_metric"]
-    handler = add_file_log(run / "train.log") if info.main else None
+    handler = cli.add_file_log(run / "train.log") if info.main else None
     tracker = make_tracker(cfg, run, fold) if info.main else Tracker()
     try:
         return _train_fold(cfg, fold, run, state, device, info, tracker)
@@ -271,9 +219,7 @@ def _train_fold(
         row = distributed.broadcast(row, info)
         history.append(row)
         if cfg.train.best_metric not in row:
-            raise SystemExit(
-                f"error: train.best_metric '{cfg.train.best_metric}' not among {sorted(row)}"
-            )
+            raise InputError(f"train.best_metric '{cfg.train.best_metric}' not among {sorted(row)}")
         value = row[cfg.train.best_metric]
         improved = best is None or sign * value < sign * best
         best = value if improved else best
@@ -318,49 +264,39 @@ def _train_fold(
 
 
 def folds_to_run(cfg: Config, fold: str) -> list[int]:
-    id_col = load_pipeline(cfg.pipeline).id_col
-    available = sorted(load_folds(paths.folds_csv(cfg), id_col)["fold"].unique().tolist())
+    """``--fold``: one fold of the fold file, or ``all`` = every fold the pipeline trains."""
+    pipeline = load_pipeline(cfg.pipeline)
+    available = sorted(load_folds(paths.folds_csv(cfg), pipeline.id_col)["fold"].unique().tolist())
     if fold == "all":
-        return available
+        return pipeline.train_folds(cfg, available) if pipeline.train_folds else available
     if not fold.isdigit() or int(fold) not in available:
-        raise SystemExit(f"error: --fold must be 'all' or one of {available}, got {fold!r}")
+        raise InputError(f"--fold must be 'all' or one of {available}, got {fold!r}")
     return [int(fold)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--CFG", required=True, help="stage config, e.g. config/rsna/stage1_vertebra.yaml"
-    )
+    parser = cli.parser(__doc__)
     parser.add_argument(
         "--fold", default="all", help="fold number or 'all' (default: every fold in sequence)"
     )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
     args = parser.parse_args(argv)
-    # Under torchrun only rank 0 logs (the others show warnings and errors).
-    level = logging.INFO if process_rank() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.CFG, args.overrides)
+    with cli.running():
+        cfg = cli.load(args)
         check_components(cfg)  # before any run folder exists
-    except (ConfigError, TypeError) as err:
-        raise SystemExit(f"error: {err}") from None
-    except KeyError as err:
-        raise SystemExit(f"error: {err.args[0]}") from None
-    if not paths.folds_csv(cfg).is_file():
-        raise SystemExit(
-            f"error: {paths.folds_csv(cfg)} not found; run "
-            f"python -m utils.fold_split --CFG {args.CFG} first"
-        )
-    info, device = distributed.setup(resolve_device(cfg.device))
-    try:
-        with user_errors():
-            results = {k: run_fold(cfg, k, device, info) for k in folds_to_run(cfg, args.fold)}
-        distributed.barrier(info)  # rank 0 has written the last checkpoint when torchrun returns
-    finally:
-        distributed.teardown(info)
+        if not paths.folds_csv(cfg).is_file():
+            raise InputError(
+                f"{paths.folds_csv(cfg)} not found; run "
+                f"python -m utils.fold_split --CFG {args.CFG} first"
+            )
+        folds = folds_to_run(cfg, args.fold)
+        info, device = distributed.setup(resolve_device(cfg.device))
+        try:
+            results = {k: run_fold(cfg, k, device, info) for k in folds}
+            distributed.barrier(
+                info
+            )  # rank 0 has written the last checkpoint when torchrun returns
+        finally:
+            distributed.teardown(info)
     log.info(
         "best %s per fold: %s", cfg.train.best_metric, {k: round(v, 5) for k, v in results.items()}
     )

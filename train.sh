@@ -35,10 +35,7 @@ OUTPUT="${OUTPUT:-output}"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-if [ -z "${FOLDS:-}" ]; then
-    FOLDS=$("$PYTHON" -c "from utils.config import load_config; print(load_config('config/$PIPELINE/base.yaml', ['profile=$PROFILE']).n_folds)")
-fi
-COMMON=(profile="$PROFILE" data_dir="$DATA_DIR" output_dir="$OUTPUT" n_folds="$FOLDS" "$@")
+COMMON=(profile="$PROFILE" data_dir="$DATA_DIR" output_dir="$OUTPUT" ${FOLDS:+n_folds="$FOLDS"} "$@")
 PRODUCTS="$OUTPUT/$PIPELINE"
 step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
 T0=$SECONDS
@@ -59,7 +56,7 @@ rsna() {
     step "1. preprocess: DICOM -> $PRODUCTS/prep (studies.csv, stage1_labels.csv, volumes/)"
     "$PYTHON" -m utils.preprocess_data --pipeline rsna --workers "$WORKERS" "${COMMON[@]}"
 
-    step "2. folds -> $PRODUCTS/folds.csv ($FOLDS folds)"
+    step "2. folds -> $PRODUCTS/folds.csv"
     "$PYTHON" -m utils.fold_split --CFG config/rsna/base.yaml "${COMMON[@]}"
 
     step "3. stage 1 (vertebra box + ratios), all folds"
@@ -93,18 +90,8 @@ rsna() {
         "$PYTHON" -m utils.rsna.cross_style --CFG config/rsna/patient_head.yaml --data-dir "$unseen" "${COMMON[@]}"
     fi
 
-    "$PYTHON" - "$PRODUCTS" <<'PY'
-import json, sys
-r = json.load(open(f"{sys.argv[1]}/cv_report.json"))
-print(f"\nOOF competition metric ({r['model']}): {r['oof_metric']:.4f}  |  constant-prior baseline: "
-      f"{r['baseline_prior']:.4f}  |  ratio {r['ratio_to_prior']:.2f}  |  noisy-OR {r['baseline_noisy_or']:.4f}")
-auc = r["per_target_auc"]
-print("OOF AUC: " + "  ".join(f"{t} {'n/a' if v is None else f'{v:.3f}'}" for t, v in auc.items()))
-if "cross_style" in r:
-    c = r["cross_style"]
-    print(f"unseen style ({c['n_studies']} studies): {c['metric']:.4f}  |  constant prior {c['baseline_prior']:.4f}"
-          f"  |  0.5 everywhere {c['baseline_half']:.4f}")
-PY
+    echo
+    "$PYTHON" -m utils.rsna.report --CFG config/rsna/patient_head.yaml "${COMMON[@]}"
     echo "CV report: $PRODUCTS/cv_report.md    submission: $PRODUCTS/submission.csv    ($(( (SECONDS - T0) / 60 )) min)"
 }
 
@@ -121,10 +108,8 @@ hipmri() {
     "$PYTHON" -m utils.fold_split --CFG config/hipmri/base.yaml "${COMMON[@]}"
 
     # split: given trains fold 0 (train patients, validated on the validate patients); split: folds every fold.
-    local fold
-    fold=$("$PYTHON" -c "import sys; from utils.config import load_config; print({'given': 0}.get(load_config('config/hipmri/base.yaml', sys.argv[1:]).split, 'all'))" "${COMMON[@]}")
-    step "3. 2D UNet (fold $fold)"
-    "$PYTHON" train.py --CFG config/hipmri/unet.yaml --fold "$fold" "${COMMON[@]}"
+    step "3. 2D UNet"
+    "$PYTHON" train.py --CFG config/hipmri/unet.yaml --fold all "${COMMON[@]}"
 
     step "4. test masks and per-class Dice on $DATA_DIR/keras_slices_test"
     "$PYTHON" inference.py --CFG config/hipmri/unet.yaml --split test --out "$PRODUCTS/test_masks" "${COMMON[@]}"
@@ -183,7 +168,7 @@ pancreas() {
     "$PYTHON" -m utils.nnunet --CFG "$cfg" plan "${COMMON[@]}"
 
     # The report compares every trainer of report.trainers: each one is trained (finished folds skipped).
-    for trainer in $("$PYTHON" -c "import sys; from utils.config import load_config; print(*load_config('$cfg', sys.argv[1:]).report.trainers)" "${COMMON[@]}"); do
+    for trainer in $("$PYTHON" -m utils.config --CFG "$cfg" --get report.trainers "${COMMON[@]}"); do
         step "4. train $trainer (fold 0: train/ -> validation/)"
         "$PYTHON" -m utils.nnunet --CFG "$cfg" train "${COMMON[@]}" nnunet.trainer="$trainer"
     done
@@ -192,7 +177,7 @@ pancreas() {
     "$PYTHON" -m utils.pancreas.report --CFG "$cfg" "${COMMON[@]}"
 
     step "6. test masks + subtype_results.csv on $DATA_DIR/test ($NNUNET_TRAINER)"
-    "$PYTHON" -m utils.pancreas.predict --CFG "$cfg" --input "$DATA_DIR/test" --out "$PRODUCTS/predictions/test" "${COMMON[@]}"
+    "$PYTHON" -m utils.pancreas.submit --CFG "$cfg" --input "$DATA_DIR/test" --out "$PRODUCTS/predictions/test" "${COMMON[@]}"
     echo "report: $PRODUCTS/cv_report.md    test: $PRODUCTS/predictions/test/subtype_results.csv    ($(( (SECONDS - T0) / 60 )) min)"
 }
 

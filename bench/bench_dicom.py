@@ -20,7 +20,6 @@ slice order), then a final one-line summary.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import tempfile
@@ -32,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from utils import cli
 from utils.rsna.dicom import load_study
-from utils.rsna.synthetic import PRESETS, plan_dataset, write_study
+from utils.rsna.synthetic.generator import PRESETS, plan_dataset, write_study
 
 
 def make_series(root: Path, n_slices: int, size: int) -> Path:
@@ -82,12 +82,12 @@ def time_readers(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(logging.INFO)
 
     readers: dict[str, Callable[[Path], np.ndarray]] = {
         "seed (pydicom per slice)": seed_load,

@@ -18,8 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import resource
 import subprocess
@@ -30,13 +28,21 @@ from pathlib import Path
 
 import torch
 
-from train import build_optimizer, train_one_epoch
+from bench import common
+from train import train_one_epoch
+from utils import cli
 from utils.config import load_config
-from utils.engine import make_loader, needs_scaler, prepare_model, resolve_device
+from utils.engine import (
+    build_optimizer,
+    make_loader,
+    needs_scaler,
+    prepare_model,
+    resolve_device,
+)
 from utils.fold_split import main as folds_main
 from utils.hipmri.folds import training_slices
-from utils.hipmri.preprocess import main as prep_main
 from utils.hipmri.synthetic import generate
+from utils.preprocess_data import main as preprocess_main
 from utils.registry import build_dataset, build_loss, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +61,8 @@ def prepare(data: Path, output: Path, preset: str) -> list[str]:
     counts = generate(data, preset=preset, seed=0)
     print(f"generated {preset}: {counts} in {time.perf_counter() - t0:.0f} s", flush=True)
     ov = ["profile=demo", f"data_dir={data}", f"output_dir={output}", "progress=false"]
-    prep_main(ov)
-    if folds_main(["--CFG", str(BASE), *ov]) != 0:
-        raise SystemExit("error: fold file not written")
+    preprocess_main(["--pipeline", "hipmri", *ov])
+    folds_main(["--CFG", str(BASE), *ov])
     return ov
 
 
@@ -92,25 +97,19 @@ def full_epoch(ov: list[str]) -> tuple[float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--batches", type=int, default=20, help="timed training batches")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--skip-epoch", action="store_true", help="only the throughput part")
     parser.add_argument("--quick", action="store_true", help="tiny preset (smoke test)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    args, load_start = common.start(parser, argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the full-epoch child process
-    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_hipmri_") as tmp:
         tmp = Path(tmp)
         ov = prepare(tmp / "demo", tmp / "out_demo", "tiny" if args.quick else "demo")
         rate, rss = throughput(ov, 2 if args.quick else args.batches)
         print(
             f"demo model training: {rate:.1f} slices/s, peak RSS {rss:.0f} MiB "
-            f"({args.threads} threads, load average {load:.1f} at start)",
+            f"({args.threads} threads, load average {load_start:.1f} at start)",
             flush=True,
         )
         if args.skip_epoch:

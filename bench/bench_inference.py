@@ -1,4 +1,4 @@
-"""Benchmark: end-to-end test-time inference (``utils.rsna.chain.test_chain``) per 300-slice CT study.
+"""Benchmark: end-to-end test-time inference (``utils.rsna.submit.test_chain``) per 300-slice CT study.
 
 Usage::
 
@@ -10,7 +10,7 @@ Lossless SV1) as a TEST study, with a matching 8-row ``test.csv`` and a one-row 
 (train priors; no vertebra is left without a prediction here, so their values do not matter),
 into a temporary folder. For each recipe it saves one fold of every stage (stage 1, stage 2,
 patient head) with random-init weights in the exact checkpoint format of train.py (timing does
-not depend on the weights), then times ``utils.rsna.chain.test_chain``, the whole
+not depend on the weights), then times ``utils.rsna.submit.test_chain``, the whole
 ``inference.py --split test`` path: DICOM read + uint8 cache (in the run's test folder,
 ``layout.test_prep_dir``), stage 1 on every slice, localisation, stage 2 on each vertebra,
 patient head, submission.csv.
@@ -23,7 +23,7 @@ sequences); the ordered decoding may drop vertebrae at threshold 0. Both run wit
 ``num_workers=0`` (the full profile's 2 loader workers deadlock after in-process caching; see
 ``RUNTIME``).
 
-Per step (the functions of ``utils.rsna.chain`` that test_chain calls, timed in place, each
+Per step (the functions of ``utils.rsna.submit`` that test_chain calls, timed in place, each
 call's time net of the timed calls inside it): read + cache (``ensure_cached``), loading the
 fold models (``load_models``, also the one inside ``predict_stage1``), stage 1
 (``predict_stage1``), localisation (``localize``), stage 2 and patient head (``predict_frame``
@@ -36,11 +36,9 @@ warm-up). ``--quick``: a 40-slice 128 x 128 study, one timed run, and the full r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -52,21 +50,22 @@ from types import ModuleType
 import pandas as pd
 import torch
 
-from train import build_optimizer
-from utils import paths
+from bench import common
+from utils import cli, paths
 from utils.checkpoint import save_checkpoint
 from utils.config import Config, load_config, save_config
+from utils.engine import build_optimizer
 from utils.io import write_csv
 from utils.registry import build_model
-from utils.rsna import chain, layout
+from utils.rsna import layout, submit
 from utils.rsna.metric import TARGETS
-from utils.rsna.synthetic import PRESETS, plan_dataset, write_study
+from utils.rsna.synthetic.generator import PRESETS, plan_dataset, write_study
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "rsna"
 STAGES = ("stage1_vertebra.yaml", "stage2_fracture.yaml", "patient_head.yaml")
-# The functions of utils.rsna.chain that test_chain calls, timed in place, and the step each
+# The functions of utils.rsna.submit that test_chain calls, timed in place, and the step each
 # call is reported as: a name, or None for predict_frame, whose step is the stage of the config
 # it is called with (stage 1 inside predict_stage1, then stage 2, then the patient head).
 STEPS: dict[str, str | None] = {
@@ -202,10 +201,10 @@ def run_chain(s2: Config, uid: str) -> tuple[dict[str, float], int]:
     """One uncached ``test_chain`` run: seconds per step (+ ``other``, ``total``) and the number
     of vertebra sequences stage 2 predicted."""
     layout.volume_path(layout.test_prep_dir(s2), uid).unlink(missing_ok=True)
-    out = paths.submission_csv(s2)
-    with timed_calls(chain, STEPS) as seconds:
+    out = layout.submission_csv(s2)
+    with timed_calls(submit, STEPS) as seconds:
         start = time.perf_counter()
-        sub = chain.test_chain(s2, out)
+        sub = submit.test_chain(s2, out)
         total = time.perf_counter() - start
     if len(sub) != len(TARGETS) or sub.fractured.isna().any():
         raise RuntimeError(f"{out}: expected {len(TARGETS)} complete rows, got {len(sub)}")
@@ -267,20 +266,16 @@ def describe(s1: Config, s2: Config) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of the demo recipe")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="small study and sizes (smoke test)")
     parser.add_argument("--stride", type=int, default=1, help="submit.stage1_stride (test-time)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    args, load_start = common.start(parser)
     n_slices, size = (40, 128) if args.quick else (args.slices, args.size)
     repeat = 1 if args.quick else args.repeat
-    load_start = os.getloadavg()[0]
 
     results: dict[str, RecipeResult] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +293,7 @@ def main() -> None:
         f"study: utils.rsna.synthetic bench, {n_slices} slices {size}x{size} JPEG Lossless SV1 "
         f"(written in {written:.0f} s); stage-1 stride {args.stride}; torch {args.threads} threads; demo median of "
         f"{repeat}, full 1 run, after {args.warmup} warm-up; "
-        f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}"
+        f"{common.load_note(load_start)}"
     )
     keys = list(results["demo"].seconds)
     print(f"{'recipe':6s} " + " ".join(f"{k:>10s}" for k in keys) + "  sequences  setup")

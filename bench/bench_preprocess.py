@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from utils import cli
 from utils.rsna.metric import VERTEBRAE
-from utils.rsna.synthetic import PRESETS, plan_dataset, write_study
+from utils.rsna.synthetic.generator import PRESETS, plan_dataset, write_study
 
 # geometry -> (synthetic preset, profile whose cache.size is used); full = the real studies' size
 GEOMETRY = {"demo": ("demo", "demo"), "tiny": ("tiny", "tiny"), "full": ("bench", "full")}
@@ -111,9 +112,7 @@ def measure(data: Path, prep: Path, workers: int, profile: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--geometry", choices=sorted(GEOMETRY), default="demo")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="demo", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_one:
-        logging.basicConfig(level=logging.WARNING)
+        cli.setup_logging(logging.WARNING)
         print(json.dumps(run_one(*args.run_one, args.workers[0], args.profile)))
         return
     if args.quick:

@@ -31,9 +31,7 @@ the model (train.py's ``train_one_epoch``, bf16 + channels_last) for each datase
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -46,18 +44,19 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
-from train import build_optimizer, train_one_epoch
-from utils import paths
+from bench import common
+from train import train_one_epoch
+from utils import cli, paths
 from utils.config import Config, load_config
-from utils.engine import make_loader, needs_scaler, prepare_model, resolve_device
+from utils.engine import build_optimizer, make_loader, needs_scaler, prepare_model, resolve_device
 from utils.io import write_csv
 from utils.registry import DATASETS, build_dataset, build_loss, build_model
 from utils.rsna import layout
 from utils.rsna.datasets import VertebraSequences
-from utils.rsna.dicom import TRANSFER_SYNTAXES
 from utils.rsna.localize import make_stage2_labels
 from utils.rsna.preprocess import preprocess
-from utils.rsna.synthetic import LABEL_COLS, PRESETS, plan_dataset, write_study
+from utils.rsna.synthetic.generator import LABEL_COLS, PRESETS, plan_dataset, write_study
+from utils.rsna.synthetic.writers import TRANSFER_SYNTAXES
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def make_dataset(
 ) -> None:
     """Write ``n_studies`` segmented demo-preset train studies and ``train.csv`` under ``root``.
 
-    ``syntax``: one of ``utils.rsna.dicom.TRANSFER_SYNTAXES`` for every study, or None for the
+    ``syntax``: one of ``utils.rsna.synthetic.writers.TRANSFER_SYNTAXES`` for every study, or None for the
     preset's mix.
     """
     preset = replace(
@@ -243,7 +242,7 @@ def time_recipe(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--studies", type=int, default=6)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3, help="timed epochs per dataset")
@@ -257,16 +256,12 @@ def main() -> None:
         "--workers", type=int, default=None, help="num_workers for both recipes (default: theirs)"
     )
     parser.add_argument("--model", action="store_true", help="also time a demo epoch with model")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="small data and sizes (smoke test)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    args, load_start = common.start(parser)
     if args.quick:
         n_studies, size, n_slices, repeat = 3, 128, (40, 48), 1
     else:
         n_studies, size, n_slices, repeat = args.studies, args.size, (200, 240), args.repeat
-    load_start = os.getloadavg()[0]
 
     results: dict[str, RecipeResult] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,7 +288,7 @@ def main() -> None:
         f"data: {n_studies} demo-preset studies, {size}px, {n_slices[0]}-{n_slices[1]} slices, "
         f"syntax {args.syntax or 'preset mix'} "
         f"(written in {written:.0f} s); median of {repeat} epochs after 1 warm-up; "
-        f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}"
+        f"{common.load_note(load_start)}"
     )
     print(
         f"{'recipe':6s} {'dataset':20s} {'samples':>7s} {'epoch s':>8s} {'samples/s':>9s} "

@@ -9,35 +9,33 @@ Defaults: ``profile=demo data_dir=data/rsna_demo output_dir=output``.
 For each stride k (``submit.stage1_stride``):
 
 - **OOF metric**: every training study predicted by the fold models that did not train on it,
-  with the functions the test chain calls: ``chain.predict_stage1`` (stage 1 on every k-th slice
+  with the functions the test chain calls: ``submit.predict_stage1`` (stage 1 on every k-th slice
   and the last, ratios interpolated along z, boxes from the predicted slices), ``localize``,
   stage 2 and the patient head (``predict_frame``), scored with ``utils.rsna.metric.score``
   against train.csv. The models are the trained ones (stage 2 and the head were trained on
   stride-1 localisation); only test-time stage 1 changes. k = 1 reproduces the CV report.
-- **seconds per study**: ``chain.test_chain`` on the data set's test studies (cache deleted
+- **seconds per study**: ``submit.test_chain`` on the data set's test studies (cache deleted
   before every run so each reads its DICOM files again; no time budget), total and stage 1
   alone; median of ``--repeat`` runs after one warm-up run.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
+from bench import common
 from bench.bench_inference import STEPS, timed_calls
-from utils import paths
+from utils import cli, paths
 from utils.config import Config, load_config
 from utils.folds import load_folds
 from utils.predict import load_models, predict_frame, run_config
-from utils.rsna import chain, layout
+from utils.rsna import layout, submit
 from utils.rsna.datasets import study_logit_table, train_priors
 from utils.rsna.localize import localize
 from utils.rsna.metric import TARGETS, UID, score
@@ -62,7 +60,7 @@ def oof_metric(cfg: Config, stride: int) -> float:
         uids = sorted(folds.loc[folds.fold == fold, UID])
         loc = pd.concat(
             [
-                localize(chain.predict_stage1(s1, u, prep, [m1[fold]], stride), **s2.localize)
+                localize(submit.predict_stage1(s1, u, prep, [m1[fold]], stride), **s2.localize)
                 for u in uids
             ],
             ignore_index=True,
@@ -76,16 +74,16 @@ def oof_metric(cfg: Config, stride: int) -> float:
 
 
 def seconds_per_study(cfg: Config, repeat: int) -> tuple[float, float, int]:
-    """Median (total, stage-1) seconds per test study of ``chain.test_chain`` and the study count."""
+    """Median (total, stage-1) seconds per test study of ``submit.test_chain`` and the study count."""
     out = paths.test_dir(cfg) / "bench_stride_submission.csv"
     data = paths.data_dir(cfg)
-    n = len(chain.studies_to_predict(chain.read_test_rows(data), data))
+    n = len(submit.studies_to_predict(submit.read_test_rows(data), data))
     runs = []
     for _ in range(repeat + 1):
         shutil.rmtree(layout.test_prep_dir(cfg), ignore_errors=True)
-        with timed_calls(chain, STEPS) as seconds:
+        with timed_calls(submit, STEPS) as seconds:
             start = time.perf_counter()
-            chain.test_chain(cfg, out)
+            submit.test_chain(cfg, out)
             total = time.perf_counter() - start
         runs.append((total / n, seconds["stage 1"] / n))
     runs = runs[1:]  # the first run warms up
@@ -93,15 +91,11 @@ def seconds_per_study(cfg: Config, repeat: int) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--repeat", type=int, default=2, help="timed test-chain runs per stride")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0]
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
+    args, load_start = common.start(parser)
     rows = []
     for k in args.strides:
         cfg = load_config(
@@ -112,9 +106,7 @@ def main() -> None:
         total, stage1, n = seconds_per_study(cfg, args.repeat)
         rows.append((k, metric, total, stage1, n))
         print(f"k={k}: OOF {metric:.4f}, {total:.2f} s/study ({stage1:.2f} s stage 1), {n} studies")
-    print(
-        f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}; torch {args.threads} threads"
-    )
+    print(f"{common.load_note(load_start)}; torch {args.threads} threads")
     print("| stride k | OOF metric | s/study (test chain) | of which stage 1 |")
     print("|---|---|---|---|")
     for k, metric, total, stage1, _ in rows:

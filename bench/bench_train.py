@@ -24,9 +24,6 @@ medians. ``--quick`` shrinks every case (32 px, 2 slices, batch 2, 1 step) as a 
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import resource
 import statistics
 import time
@@ -35,9 +32,11 @@ from pathlib import Path
 
 import torch
 
-from train import build_optimizer, train_one_epoch
+from bench import common
+from train import train_one_epoch
+from utils import cli
 from utils.config import Config, load_config
-from utils.engine import needs_scaler, prepare_model, resolve_device
+from utils.engine import build_optimizer, needs_scaler, prepare_model, resolve_device
 from utils.registry import build_loss, build_model
 from utils.seed import seed_everything
 
@@ -173,15 +172,11 @@ def describe(cfg: Config) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 step (smoke test)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    args, load_start = common.start(parser)
     steps = 1 if args.quick else args.steps
-    load_start = os.getloadavg()[0]
 
     rows = []
     for case in CASES:
@@ -191,7 +186,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {args.threads} threads, device "
         f"{resolve_device(rows[0][1].device)}; median of {steps} steps after 1 warm-up; "
-        f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f}"
+        f"{common.load_note(load_start)}"
     )
     print(
         f"{'case':12s} {'setup':42s} {'fp32 s/step':>11s} {'samples/s':>9s} {'img/s':>7s} "

@@ -129,10 +129,12 @@ def test_config_is_frozen_and_round_trips(tmp_path):
 
 def test_registry_errors_list_choices():
     with pytest.raises(
-        KeyError,
+        ConfigError,
         match="unknown model 'resnet'; valid: .*fracture_seq, .*patient_head, .*vertebra_bbox_ratio",
     ):
         MODELS.get("resnet")
     cfg = load_config(ROOT / "config/rsna/stage1_vertebra.yaml", ["model.params.dropuot=0.5"])
-    with pytest.raises(TypeError, match="unknown params \\['dropuot'\\]; valid: encoder, in_chans"):
+    with pytest.raises(
+        ConfigError, match="unknown params \\['dropuot'\\]; valid: encoder, in_chans"
+    ):
         build_model(cfg)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from utils import folds as generic
+from utils.errors import InputError
 from utils.fold_split import main
 from utils.folds import load_folds as load_folds_by
 from utils.folds import nnunet_splits, save_folds, with_folds, write_nnunet_splits
@@ -141,7 +142,7 @@ def test_stale_fold_file_guard(tmp_path):
     other = make_folds(train, seed=7)
     moved = int((other["fold"] != folds["fold"]).sum())
     with pytest.raises(
-        FileExistsError, match=rf"{moved} cases change fold, 0 added, 0 removed.*--force"
+        InputError, match=rf"{moved} cases change fold, 0 added, 0 removed.*--force"
     ):
         save_folds(other, path)
     assert path.read_bytes() == first
@@ -232,7 +233,7 @@ def test_cli_writes_folds_and_splits_and_guards(tmp_path, capsys):
     train[["StudyInstanceUID"]].iloc[:30].to_csv(case_map, index=False)
     args = ["--CFG", str(RSNA_BASE), "--data-dir", str(data), "--out", str(out)]
 
-    assert main([*args, "--nnunet-splits", str(splits), "--nnunet-case-map", str(case_map)]) == 0
+    main([*args, "--nnunet-splits", str(splits), "--nnunet-case-map", str(case_map)])
     assert "wrote" in capsys.readouterr().out
     first = out.read_bytes()
     assert first.startswith(b"StudyInstanceUID,fold\n")
@@ -242,12 +243,15 @@ def test_cli_writes_folds_and_splits_and_guards(tmp_path, capsys):
     )
     pd.testing.assert_frame_equal(load_folds(out), make_folds(train, 5, seed=42))
 
-    assert main(args) == 0 and out.read_bytes() == first
-    assert main([*args, "seed=1"]) == 2
-    assert "--force" in capsys.readouterr().err and out.read_bytes() == first
-    assert main([*args, "seed=1", "--force"]) == 0 and out.read_bytes() != first
-    assert main([*args, "--data-dir", str(tmp_path / "missing")]) == 2
-    assert "train.csv not found" in capsys.readouterr().err
+    main(args)
+    assert out.read_bytes() == first
+    with pytest.raises(SystemExit, match="^error: .*different fold assignment.*--force"):
+        main([*args, "seed=1"])
+    assert out.read_bytes() == first
+    main([*args, "seed=1", "--force"])
+    assert out.read_bytes() != first
+    with pytest.raises(SystemExit, match="^error: .*train.csv not found"):
+        main([*args, "--data-dir", str(tmp_path / "missing")])
 
 
 def test_cli_runs_as_a_module_into_the_pipeline_folder(tmp_path):

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 import inference
 import train
+from utils.config import load_config
+from utils.datasets import StageDataset
 from utils.engine import stream_predictions
 from utils.fold_split import main as fold_main
 from utils.folds import load_folds
@@ -31,13 +32,13 @@ TOY = Pipeline(
 )
 
 
-class ToyPoints(Dataset):
+class ToyPoints(StageDataset):
     """One 2-D point per row; ``case`` (str) rides along in the batch as a non-tensor field."""
 
     key_columns = ("case",)
 
     def __init__(self, table, cfg, train):
-        self.table = table.reset_index(drop=True)
+        super().__init__(table, cfg, train)
 
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
@@ -46,9 +47,6 @@ class ToyPoints(Dataset):
     @staticmethod
     def test_table(cfg) -> pd.DataFrame:
         return pd.read_csv(f"{cfg.data_dir}/test.csv", dtype={"case": str})
-
-    def __len__(self) -> int:
-        return len(self.table)
 
     def __getitem__(self, i: int) -> dict:
         row = self.table.iloc[i]
@@ -115,7 +113,7 @@ def toy(registered, tmp_path_factory):
         data / "test.csv", index=False
     )
     ov = [f"data_dir={data}", f"output_dir={root / 'output'}"]
-    assert fold_main(["--CFG", str(root / "config" / "toy" / "base.yaml"), *ov]) == 0
+    fold_main(["--CFG", str(root / "config" / "toy" / "base.yaml"), *ov])
     stage = str(root / "config" / "toy" / "linear.yaml")
     train.main(["--CFG", stage, *ov])
     return root, stage, ov
@@ -152,8 +150,6 @@ def test_test_predictions_are_the_fold_mean(toy):
 
 def test_stream_keeps_non_tensor_fields_and_yields_per_batch(toy):
     root, stage, ov = toy
-    from utils.config import load_config
-
     cfg = load_config(stage, ov)
     table = ToyPoints.load_table(cfg)
     loader = torch.utils.data.DataLoader(ToyPoints(table, cfg, False), batch_size=5)

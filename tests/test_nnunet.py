@@ -72,16 +72,14 @@ def test_commands_follow_the_config(tmp_path):
     assert nnunet.folds(_cfg(tmp_path, "nnunet.folds=[2]")) == [2]
 
 
-def test_parallel_folds_need_cuda(tmp_path, capsys):
-    code = nnunet.main(
-        ["--CFG", str(ROOT / "config" / "hipmri" / "base.yaml"), "train", "all",
-         "nnunet.dataset_id=990", "nnunet.dataset_name=Toy", "nnunet.parallel_folds=2",
-         "device=cpu", f"output_dir={tmp_path}"]
-    )  # fmt: skip
-    assert code == 2
-    assert capsys.readouterr().err.strip() == (
-        "error: nnunet.parallel_folds > 1 needs device cuda (one fold per GPU)"
-    )
+def test_parallel_folds_need_cuda(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        nnunet.main(
+            ["--CFG", str(ROOT / "config" / "hipmri" / "base.yaml"), "train", "all",
+             "nnunet.dataset_id=990", "nnunet.dataset_name=Toy", "nnunet.parallel_folds=2",
+             "device=cpu", f"output_dir={tmp_path}"]
+        )  # fmt: skip
+    assert str(exc.value) == "error: nnunet.parallel_folds > 1 needs device cuda (one fold per GPU)"
 
 
 def test_export_lines_are_shell_code(tmp_path):

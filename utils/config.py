@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from utils.errors import UserError
 from utils.io import write_text
 
 log = logging.getLogger(__name__)
@@ -37,28 +38,8 @@ log = logging.getLogger(__name__)
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "config" / "base.yaml"
 PIPELINE_BASE = "base.yaml"  # config/<pipeline>/base.yaml: the pipeline's own keys
 _FREE_KEYS = ("params",)  # mappings whose keys are validated by the component, not by base.yaml
-# Keys that do not change what a run computes (a resumed run may differ in them), and whether a
-# calling config's value also applies to the upstream stages it loads ("call": where data, runs
-# and devices are) or each stage keeps its own ("run": how that stage was set up to run).
-RUNTIME_KEYS = {
-    "data_dir": "call",
-    "output_dir": "call",
-    "device": "call",
-    "progress": "call",
-    "infer.checkpoint": "call",
-    "resume": "run",
-    "num_workers": "run",
-    "train.stop_after": "run",
-    "infer.viz_studies": "run",
-    "submit.stage1_stride": "run",
-    "submit.budget_s": "run",
-    "submit.warmup_studies": "run",
-    "submit.keep_cache": "run",
-    "tracker.name": "run",
-    "tracker.project": "run",
-    "tracker.wandb_mode": "run",
-}
-CALL_KEYS = tuple(k for k, scope in RUNTIME_KEYS.items() if scope == "call")
+_RESERVED = ("pipeline", "runtime")  # set by the loader, never by a file or an override
+RUNTIME_SCOPES = ("call", "run")
 
 
 class _Loader(yaml.SafeLoader):
@@ -84,7 +65,7 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid (unknown key, bad syntax, unknown profile)."""
 
 
@@ -127,9 +108,7 @@ class Config(Mapping):
         return node
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: v.to_dict() if isinstance(v, Config) else _thaw(v) for k, v in self._data.items()
-        }
+        return {k: v.to_dict() if isinstance(v, Config) else thaw(v) for k, v in self._data.items()}
 
     def replace(self, **dotted: Any) -> Config:
         """A copy with ``dotted.key=value`` changes (validated like CLI overrides, not logged)."""
@@ -150,11 +129,12 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _thaw(value: Any) -> Any:
+def thaw(value: Any) -> Any:
+    """Frozen config values (Config, tuples) -> plain dicts and lists."""
     if isinstance(value, Config):
         return value.to_dict()
     if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
+        return [thaw(v) for v in value]
     return value
 
 
@@ -262,12 +242,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Resolve the layers for ``path`` (a stage file or a pipeline base; None = generic keys only)."""
     base = _read_yaml(BASE_CONFIG)
     profiles = [("base.yaml", base.pop("profiles", {}) or {})]
+    runtime = _runtime_block(base.pop("runtime", {}), str(BASE_CONFIG))
     pipeline, layers = _layers(Path(path) if path is not None else None)
     data = base
     for i, (where, layer) in enumerate(layers):
         profiles.append((where, layer.pop("profiles", {}) or {}))
         if i:  # the pipeline base declares keys; every later layer may only use them
             _check_keys(layer, data, where)
+        else:  # the pipeline base may declare runtime keys of its own
+            extra = _runtime_block(layer.pop("runtime", {}), where)
+            runtime = {s: [*runtime[s], *extra[s]] for s in RUNTIME_SCOPES}
         data = _merge(data, layer)
     schema = copy.deepcopy(data)
     pairs = parse_overrides(overrides)
@@ -283,21 +267,44 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = _merge(data, delta)
 
     for key, value in pairs:
-        if key == "pipeline":
-            raise ConfigError("'pipeline' is the stage file's folder (config/<pipeline>/)")
+        if key.split(".")[0] in _RESERVED:
+            raise ConfigError(
+                f"'{key}' is set by the loader: 'pipeline' is the stage file's folder "
+                "(config/<pipeline>/), 'runtime' the runtime blocks of the base files"
+            )
         old = _set_dotted(data, key, value, source="command line")
         log.info("override %s: %r -> %r", key, old, value)
     data["pipeline"] = pipeline
+    data["runtime"] = runtime
     if data["exp_name"] is None:
         data["exp_name"] = Path(path).stem if path is not None else "base"
     return Config(data)
 
 
-def diff_configs(
-    a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = tuple(RUNTIME_KEYS)
-) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (``ignore`` keys skipped)."""
-    ignore = set(ignore)
+def _runtime_block(block: Any, where: str) -> dict[str, list[str]]:
+    """A base file's ``runtime`` mapping (scope -> dotted keys), checked."""
+    block = block or {}
+    if not isinstance(block, Mapping) or set(block) - set(RUNTIME_SCOPES):
+        raise ConfigError(f"{where}: 'runtime' maps {' and/or '.join(RUNTIME_SCOPES)} to key lists")
+    return {scope: list(block.get(scope) or []) for scope in RUNTIME_SCOPES}
+
+
+def runtime_keys(cfg: Mapping[str, Any], scope: str | None = None) -> list[str]:
+    """The dotted keys (a section name covers its keys) that do not change what a run computes.
+
+    Declared by ``config/base.yaml`` and the pipeline's base in their ``runtime`` blocks:
+    ``call`` keys say where data, runs and devices are (a calling config's value also applies to
+    the upstream stages it loads), ``run`` keys how one stage was set up to run. ``scope``: one
+    of them only. A config saved before these blocks existed has none.
+    """
+    block = cfg.get("runtime") or {}
+    scopes = RUNTIME_SCOPES if scope is None else (scope,)
+    return [k for s in scopes for k in block.get(s, ())]
+
+
+def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, runtime keys of either left out."""
+    ignore = {"runtime", *runtime_keys(a), *runtime_keys(b)}
 
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -305,11 +312,14 @@ def diff_configs(
             if isinstance(v, Mapping) and v:
                 out.update(flat(v, f"{prefix}{k}."))
             else:
-                out[f"{prefix}{k}"] = _thaw(v)
+                out[f"{prefix}{k}"] = thaw(v)
         return out
 
+    def ignored(key: str) -> bool:
+        return any(key == k or key.startswith(f"{k}.") for k in ignore)
+
     fa, fb = flat(a), flat(b)
-    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and fa.get(k) != fb.get(k))
+    return sorted(k for k in fa.keys() | fb.keys() if not ignored(k) and fa.get(k) != fb.get(k))
 
 
 def progress_off(cfg: Mapping[str, Any]) -> bool | None:
@@ -320,3 +330,28 @@ def progress_off(cfg: Mapping[str, Any]) -> bool | None:
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
     return write_text(cfg.to_yaml(), path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m utils.config --CFG FILE [key=value ...] [--get KEY]``: the resolved config as
+    YAML, or one value (a list space-separated) for shell scripts."""
+    from utils import cli  # cli builds on this module
+
+    parser = cli.parser(main.__doc__)
+    parser.add_argument("--get", metavar="KEY", help="print only this dotted key's value")
+    args = parser.parse_args(argv)
+    with cli.running(logging.WARNING):
+        cfg = cli.load(args)
+        if args.get is None:
+            print(cfg.to_yaml(), end="")
+            return
+        value = cfg.get(args.get, _MISSING)
+        if value is _MISSING:
+            raise ConfigError(f"unknown config key '{args.get}'")
+    print(" ".join(map(str, value)) if isinstance(value, tuple) else value)
+
+
+_MISSING = object()
+
+if __name__ == "__main__":
+    main()

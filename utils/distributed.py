@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
+from utils.errors import InputError
 from utils.seed import loader_generator
 
 
@@ -102,8 +103,8 @@ def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
 def per_rank_batch(batch_size: int, info: DistInfo) -> int:
     """The per-process share of the global ``train.batch_size`` (which must divide evenly)."""
     if batch_size % info.world:
-        raise SystemExit(
-            f"error: train.batch_size={batch_size} (the global batch) is not divisible by "
+        raise InputError(
+            f"train.batch_size={batch_size} (the global batch) is not divisible by "
             f"the {info.world} processes"
         )
     return batch_size // info.world

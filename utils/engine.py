@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from utils.config import progress_off
+from utils.datasets import StageDataset
 from utils.seed import loader_generator, worker_init_fn
 
 # One OpenCV thread per process, set when the training / inference machinery is imported, before
@@ -66,7 +68,7 @@ def batch_size_of(batch: dict[str, Any]) -> int:
 
 def make_loader(
     cfg,
-    ds: Dataset,
+    ds: StageDataset,
     train: bool,
     epoch: int = 0,
     sampler: Sampler | None = None,
@@ -78,8 +80,7 @@ def make_loader(
     ``batch_size`` (a DDP process's share) replaces the config's; whether the last partial
     training batch is dropped still follows the config's (global) ``train.batch_size``.
     """
-    if hasattr(ds, "set_epoch"):
-        ds.set_epoch(epoch)
+    ds.set_epoch(epoch)
     if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     bs = cfg["train"]["batch_size"] if train else cfg["infer"]["batch_size"]
@@ -166,3 +167,29 @@ def predict(
 def mean_outputs(outputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Average the outputs of several models (fold ensemble) key by key."""
     return {k: np.mean([o[k] for o in outputs], axis=0) for k in outputs[0]}
+
+
+def build_optimizer(cfg, model: torch.nn.Module, steps_per_epoch: int):
+    """AdamW (no decay on biases and norms) + linear warm-up and cosine decay, stepped per batch."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.train.lr,
+    )
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
+    floor = cfg.train.min_lr / cfg.train.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

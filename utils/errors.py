@@ -1,27 +1,22 @@
-"""User mistakes vs bugs: one error path for every entry point.
+"""What a user can fix, as exception types (the one error path that reports them: utils/cli.py).
 
-A missing or malformed input (a file, a column, a study) raises :class:`InputError`, a bad
-configuration :class:`~utils.config.ConfigError`; each entry point's ``main`` runs inside
-:func:`user_errors`, which turns both into one ``error: …`` line and exit status 1 (argparse uses
-2 for bad flags). Anything else is a bug and keeps its traceback.
+A bad configuration raises :class:`~utils.config.ConfigError`, a missing or malformed input (a
+file, a column, a study) :class:`InputError`, a failed external command (nnU-Net's CLI, which
+prints its own traceback) :class:`CommandError`. All three are :class:`UserError`: an entry
+point reports them as one ``error: …`` line with exit status 1. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
-from utils.config import ConfigError
+class UserError(Exception):
+    """Something the user can fix; the message names the file, key, case or command."""
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A missing or malformed input; the message names the file, key or case."""
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Re-raise ConfigError / InputError as ``SystemExit("error: …")`` (no traceback)."""
-    try:
-        yield
-    except (ConfigError, InputError) as err:
-        raise SystemExit(f"error: {err}") from None
+class CommandError(UserError, RuntimeError):
+    """An external command failed or its inputs are missing (the message names which)."""

@@ -21,26 +21,18 @@ nnU-Net reads the file from ``$nnUNet_preprocessed/DatasetXXX/``.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from utils import folds, paths
-from utils.config import ConfigError, load_config
+from utils import cli, folds, paths
 from utils.registry import load_pipeline
 
 logger = logging.getLogger(__name__)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--CFG", required=True, help="a config of the pipeline, e.g. config/rsna/base.yaml"
-    )
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser(__doc__, cfg="config/<pipeline>/base.yaml")
     parser.add_argument("--data-dir", help="the data set's folder (default: the config's data_dir)")
     parser.add_argument(
         "--out", type=Path, help="fold file (default: <output_dir>/<pipeline>/folds.csv)"
@@ -50,19 +42,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--nnunet-case-map", help="CSV: <id column>[,case_id] of the nnU-Net dataset's cases"
     )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     if args.nnunet_case_map and not args.nnunet_splits:
         parser.error("--nnunet-case-map needs --nnunet-splits")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-        cfg = load_config(args.CFG, overrides)
+    with cli.running():
+        cfg = cli.load(args, [f"data_dir={args.data_dir}"] if args.data_dir else [])
         pipeline = load_pipeline(cfg.pipeline)
         spec = pipeline.fold_inputs(cfg)
         if spec.given is not None:
@@ -81,16 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             folds.write_nnunet_splits(fold_table, args.nnunet_splits, case_ids)
             logger.info("wrote %s", args.nnunet_splits)
-    except (OSError, ValueError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     summary = folds.fold_summary(fold_table, spec.table, spec.summary)
     print(summary.to_string(float_format="{:.3f}".format))
     how = "the data set's given split" if spec.given is not None else f"seed {cfg.seed}"
     n = fold_table["fold"].nunique()
     print(f"wrote {out}: {len(fold_table)} cases in {n} folds ({how})")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

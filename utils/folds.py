@@ -43,17 +43,17 @@ def make_folds(
     Independent of the input row order.
     """
     if id_col not in table.columns:
-        raise ValueError(f"missing id column {id_col!r} (has {list(table.columns)})")
+        raise InputError(f"missing id column {id_col!r} (has {list(table.columns)})")
     ids = table[id_col].astype(str)
     dup = ids[ids.duplicated()].unique()
     if len(dup):
-        raise ValueError(
+        raise InputError(
             f"{len(dup)} duplicated {id_col} values (e.g. {', '.join(map(str, dup[:3]))})"
         )
     if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+        raise InputError(f"n_folds must be >= 2, got {n_folds}")
     if n_folds > len(table):
-        raise ValueError(f"n_folds={n_folds} exceeds the number of cases ({len(table)})")
+        raise InputError(f"n_folds={n_folds} exceeds the number of cases ({len(table)})")
     order = np.argsort(ids.to_numpy(), kind="stable")
     ids = ids.iloc[order].reset_index(drop=True)
     y = np.asarray(strata)[order] if strata is not None else None
@@ -77,10 +77,10 @@ def given_folds(table: pd.DataFrame, id_col: str, fold: Sequence[int]) -> pd.Dat
     """A fold assignment fixed by the data set (one fold per row of ``table``), sorted by id."""
     folds = pd.DataFrame({id_col: table[id_col].astype(str), FOLD: np.asarray(fold, np.int64)})
     if folds[id_col].duplicated().any():
-        raise ValueError(f"{int(folds[id_col].duplicated().sum())} duplicated {id_col} values")
+        raise InputError(f"{int(folds[id_col].duplicated().sum())} duplicated {id_col} values")
     present = np.unique(folds[FOLD])
     if not np.array_equal(present, np.arange(len(present))) or len(present) < 2:
-        raise ValueError(f"a given split needs folds 0..K-1 (K >= 2), got {present}")
+        raise InputError(f"a given split needs folds 0..K-1 (K >= 2), got {present}")
     return folds.sort_values(id_col, ignore_index=True)
 
 
@@ -134,7 +134,7 @@ def save_folds(folds: pd.DataFrame, path: str | os.PathLike, force: bool = False
         except ValueError as err:
             changes = f"unreadable: {err}"
         if changes:
-            raise FileExistsError(
+            raise InputError(
                 f"{path} holds a different fold assignment ({changes}); stages trained on the "
                 "old folds would leak validation cases: pass --force (force=True) to overwrite"
             )
@@ -153,16 +153,16 @@ def fold_summary(folds: pd.DataFrame, table: pd.DataFrame, columns: Sequence[str
 def _check_case_ids(case_ids: Mapping[str, str], folds: pd.DataFrame, id_col: str) -> None:
     unknown = sorted(set(case_ids) - set(folds[id_col]))
     if unknown:
-        raise ValueError(f"{len(unknown)} nnU-Net cases have no fold (e.g. {unknown[:3]})")
+        raise InputError(f"{len(unknown)} nnU-Net cases have no fold (e.g. {unknown[:3]})")
     ids = pd.Series(list(case_ids.values()), dtype=str)
     if ids.duplicated().any():
-        raise ValueError(
+        raise InputError(
             f"nnU-Net case ids are not unique (e.g. {ids[ids.duplicated()].iloc[0]!r})"
         )
     # Case ids become file names ({case}_0000.nii.gz) and keys in nnU-Net's JSON files.
     bad = ids[(ids == "") | ids.str.contains(r"[\s/\\]")]
     if len(bad):
-        raise ValueError(
+        raise InputError(
             f"nnU-Net case ids must be non-empty without spaces or slashes: {bad.iloc[0]!r}"
         )
 
@@ -186,7 +186,7 @@ def nnunet_splits(
         val = cases[FOLD] == k
         split = {"train": sorted(cases.loc[~val, "case"]), "val": sorted(cases.loc[val, "case"])}
         if not split["train"] or not split["val"]:
-            raise ValueError(
+            raise InputError(
                 f"fold {k}: {len(split['train'])} train / {len(split['val'])} val nnU-Net cases; "
                 "nnU-Net needs both (too few cases for this many folds)"
             )
@@ -205,8 +205,8 @@ def read_case_map(path: str | os.PathLike, id_col: str) -> dict[str, str]:
     """Case-map CSV -> {id: nnU-Net case id}; column ``case_id`` optional (default: the id)."""
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if id_col not in table.columns:
-        raise ValueError(f"{path}: missing column {id_col!r} (has {list(table.columns)})")
+        raise InputError(f"{path}: missing column {id_col!r} (has {list(table.columns)})")
     ids = table[CASE_ID] if CASE_ID in table.columns else table[id_col]
     if table[id_col].duplicated().any() or (table[id_col] == "").any() or (ids == "").any():
-        raise ValueError(f"{path}: {id_col} must be unique and every row needs a case id")
+        raise InputError(f"{path}: {id_col} must be unique and every row needs a case id")
     return dict(zip(table[id_col], ids, strict=True))

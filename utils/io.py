@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from utils.errors import InputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -78,6 +80,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_csv(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failure on a missing, empty or malformed file is one InputError
+    naming the file."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot be read as CSV ({type(err).__name__}: {err})") from None
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:

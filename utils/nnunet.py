@@ -17,29 +17,24 @@ one ``error:`` line naming it (nnU-Net's own output above says why).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
-import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils import paths
+from utils import cli, paths
 from utils.config import ConfigError, load_config
+from utils.errors import CommandError, InputError
 
 TRAINER_DIR = Path(__file__).resolve().parents[1] / "models" / "nnunet_trainers"
 # nnU-Net constructs trainers with a fixed signature (plans, configuration, fold, dataset_json,
 # device), so options of our trainers travel as JSON in this variable (``nnunet.trainer_options``).
 TRAINER_OPTIONS_ENV = "NNUNET_TRAINER_OPTIONS"
 Cfg = Mapping[str, Any]
-
-
-class NnunetError(RuntimeError):
-    """An nnU-Net command failed or its inputs are missing (the message names which)."""
 
 
 def device(cfg: Cfg) -> tuple[str, str | None]:
@@ -131,11 +126,11 @@ def predict_command(
 
 
 def run(cmd: Sequence[str], env: Mapping[str, str]) -> None:
-    """Print and run one nnU-Net command; raise NnunetError naming it when it fails."""
+    """Print and run one nnU-Net command; raise CommandError naming it when it fails."""
     print("+ " + shlex.join(cmd), flush=True)
     code = subprocess.run(list(cmd), env=dict(env), check=False).returncode
     if code != 0:
-        raise NnunetError(f"{cmd[0]} exited with code {code}: {shlex.join(cmd)}")
+        raise CommandError(f"{cmd[0]} exited with code {code}: {shlex.join(cmd)}")
 
 
 def fold_dir(cfg: Cfg, fold: int) -> Path:
@@ -153,7 +148,7 @@ def plan(cfg: Cfg, verify: bool = True) -> None:
     """Plan and preprocess once (a planned dataset is kept: delete the folder to re-plan)."""
     raw = paths.nnunet_raw_dataset(cfg)
     if not (raw / "dataset.json").is_file():
-        raise NnunetError(f"{raw / 'dataset.json'} not found: convert the data set first")
+        raise InputError(f"{raw / 'dataset.json'} not found: convert the data set first")
     if is_planned(cfg):
         print(f"planned already: {paths.nnunet_root(cfg, 'preprocessed') / raw.name}")
         return
@@ -188,7 +183,9 @@ def train(cfg: Cfg, which: Sequence[int]) -> None:
             procs.append((cmd, subprocess.Popen(cmd, env=env)))
         for cmd, proc in procs:
             if proc.wait() != 0:
-                raise NnunetError(f"{cmd[0]} exited with code {proc.returncode}: {shlex.join(cmd)}")
+                raise CommandError(
+                    f"{cmd[0]} exited with code {proc.returncode}: {shlex.join(cmd)}"
+                )
 
 
 def export_lines(cfg: Cfg) -> list[str]:
@@ -208,29 +205,22 @@ def export_lines(cfg: Cfg) -> list[str]:
     return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="a config of the pipeline")
+def _split_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(positional arguments, key=value overrides)."""
+    return [a for a in items if "=" not in a], [a for a in items if "=" in a]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser(__doc__, cfg="config/<pipeline>/base.yaml", overrides=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("env", "plan", "train", "predict"):
         p = sub.add_parser(name)
         p.add_argument("overrides", nargs="*", help="key=value config overrides (and arguments)")
     sub.choices["plan"].add_argument("--no-verify", action="store_true")
     sub.choices["predict"].add_argument("--probabilities", action="store_true")
-    return parser.parse_args(argv)
-
-
-def _split_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(positional arguments, key=value overrides)."""
-    return [a for a in items if "=" not in a], [a for a in items if "=" in a]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
+    args = parser.parse_args(argv)
     positional, overrides = _split_args(args.overrides)
-    try:
+    with cli.running():
         cfg = load_config(args.CFG, overrides)
         if args.command == "env":
             print("\n".join(export_lines(cfg)))
@@ -238,23 +228,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan(cfg, verify=not args.no_verify)
         elif args.command == "train":
             chosen = positional or ["all"]
-            which = folds(cfg) if chosen == ["all"] else [int(f) for f in chosen]
-            train(cfg, which)
+            if chosen != ["all"] and not all(f.isdigit() for f in chosen):
+                raise ConfigError(f"train takes fold numbers or 'all', got {' '.join(chosen)}")
+            train(cfg, folds(cfg) if chosen == ["all"] else [int(f) for f in chosen])
         else:
             if len(positional) != 2:
                 raise ConfigError("predict needs IN_DIR and OUT_DIR")
             src = Path(positional[0])
             if not src.is_dir():
-                raise NnunetError(f"{src}: no such folder of images to predict")
+                raise InputError(f"{src}: no such folder of images to predict")
             run(
                 predict_command(cfg, src, positional[1], probabilities=args.probabilities),
                 environment(cfg),
             )
-    except (ConfigError, NnunetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -18,11 +18,12 @@ A test-time run therefore never writes into the training run's products, whateve
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from utils.config import ConfigError
 
 Cfg = Mapping[str, Any]
 
@@ -30,13 +31,13 @@ Cfg = Mapping[str, Any]
 def pipeline_dir(cfg: Cfg) -> Path:
     """``<output_dir>/<pipeline>``: the root of one pipeline's products."""
     if not cfg["pipeline"]:
-        raise ValueError("config has no pipeline: load a stage file under config/<pipeline>/")
+        raise ConfigError("config has no pipeline: load a stage file under config/<pipeline>/")
     return Path(cfg["output_dir"]) / cfg["pipeline"]
 
 
 def data_dir(cfg: Cfg) -> Path:
     if not cfg["data_dir"]:
-        raise ValueError("data_dir is not set (data_dir=PATH)")
+        raise ConfigError("data_dir is not set (data_dir=PATH)")
     return Path(cfg["data_dir"])
 
 
@@ -69,23 +70,10 @@ def preds_csv(cfg: Cfg, exp: str | None = None) -> Path:
     return exp_dir(cfg, exp) / "preds_oof.csv"
 
 
-def viz_dir(cfg: Cfg, exp: str | None = None) -> Path:
-    return exp_dir(cfg, exp) / "viz"
-
-
 # ---- cross-validation report --------------------------------------------------------------------
 def cv_report(cfg: Cfg, suffix: str) -> Path:
     """``cv_report.md`` / ``cv_report.json``."""
     return pipeline_dir(cfg) / f"cv_report.{suffix}"
-
-
-def oof_csv(cfg: Cfg) -> Path:
-    """Final OOF predictions per case, as scored in the CV report."""
-    return pipeline_dir(cfg) / "oof_predictions.csv"
-
-
-def calibration_png(cfg: Cfg) -> Path:
-    return pipeline_dir(cfg) / "cv_calibration.png"
 
 
 # ---- nnU-Net v2 ---------------------------------------------------------------------------------
@@ -103,7 +91,7 @@ def nnunet_dataset(cfg: Cfg) -> str:
     """``Dataset<id>_<name>``: the dataset folder name under each nnU-Net root."""
     nn = cfg["nnunet"]
     if nn["dataset_id"] is None or not nn["dataset_name"]:
-        raise ValueError("nnunet.dataset_id and nnunet.dataset_name must be set")
+        raise ConfigError("nnunet.dataset_id and nnunet.dataset_name must be set")
     return f"Dataset{int(nn['dataset_id']):03d}_{nn['dataset_name']}"
 
 
@@ -124,19 +112,6 @@ def nnunet_model_dir(cfg: Cfg, trainer: str | None = None) -> Path:
     return nnunet_root(cfg, "results") / nnunet_dataset(cfg) / name
 
 
-def nnunet_case_labels(cfg: Cfg) -> Path:
-    """Per-case class labels of a multi-task dataset (``nnunet.trainer_options.case_labels``).
-
-    Beside ``dataset.json`` in the raw dataset: our trainers read it there by case id.
-    """
-    return nnunet_raw_dataset(cfg) / cfg["nnunet"]["trainer_options"]["case_labels"]
-
-
-def predictions_dir(cfg: Cfg, name: str) -> Path:
-    """``<pipeline>/predictions/<name>/``: one prediction run (masks + per-case CSVs)."""
-    return pipeline_dir(cfg) / "predictions" / name
-
-
 # ---- test time ----------------------------------------------------------------------------------
 def test_dir(cfg: Cfg) -> Path:
     """Intermediates of a test-time run on ``cfg.data_dir``: one folder per data folder.
@@ -153,66 +128,3 @@ def test_dir(cfg: Cfg) -> Path:
 def test_preds_csv(cfg: Cfg, exp: str | None = None) -> Path:
     """Fold-ensemble predictions of one stage on the test data of ``cfg.data_dir``."""
     return test_dir(cfg) / f"{exp or cfg['exp_name']}_preds.csv"
-
-
-def submission_csv(cfg: Cfg) -> Path:
-    """Default submission path of a test-time run (``inference.py --out`` chooses another)."""
-    return test_dir(cfg) / "submission.csv"
-
-
-# ---- Kaggle notebook ----------------------------------------------------------------------------
-KAGGLE_ROOT_ENV = "KAGGLE_ROOT"  # environment variable naming another input root (tests)
-
-
-def kaggle_root() -> Path:
-    """The Kaggle root: ``/kaggle`` unless the environment variable ``KAGGLE_ROOT`` names another."""
-    return Path(os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
-
-
-def kaggle_input(root: Path) -> Path:
-    """Read-only inputs: competitions and attached datasets."""
-    return Path(root) / "input"
-
-
-def kaggle_working(root: Path) -> Path:
-    """The writable output folder of a Kaggle notebook."""
-    return Path(root) / "working"
-
-
-def kaggle_submission(root: Path) -> Path:
-    """The file a code competition scores."""
-    return kaggle_working(root) / "submission.csv"
-
-
-def kaggle_competition_candidates(root: Path, slug: str) -> list[Path]:
-    """Where Kaggle mounts competition ``slug``: ``input/<slug>`` (2022) or ``input/competitions/<slug>``."""
-    return [kaggle_input(root) / slug, kaggle_input(root) / "competitions" / slug]
-
-
-def bundle_manifest(code: Path) -> Path:
-    """``bundle.json`` of a code bundle (``make kaggle-bundle``): its runs folder, config and profile."""
-    return Path(code) / "bundle.json"
-
-
-# ---- FracAtlas (nnU-Net OOF / test products and the classifiers' second channel) -----------------
-def seg_predictions(cfg: Cfg, split: str) -> Path:
-    """nnU-Net masks + probabilities of ``oof`` (each fold's model on its own fold) or ``test`` (fold ensemble)."""
-    return pipeline_dir(cfg) / "nnunet" / f"predictions_{split}"
-
-
-def seg_summary(cfg: Cfg, split: str) -> Path:
-    """nnU-Net's evaluation (``summary.json``: Dice / IoU per case and mean) of ``oof`` or ``test``."""
-    return pipeline_dir(cfg) / "nnunet" / f"evaluation_{split}.json"
-
-
-def seg_maps(cfg: Cfg, split: str) -> Path:
-    """Fracture probability maps (uint8 PNG, 255 = 1.0) per case: the mask-guided classifier's 2nd channel."""
-    return pipeline_dir(cfg) / f"maps_{split}"
-
-
-def overlays_dir(cfg: Cfg) -> Path:
-    return pipeline_dir(cfg) / "overlays"
-
-
-def roc_png(cfg: Cfg) -> Path:
-    return pipeline_dir(cfg) / "cv_roc.png"

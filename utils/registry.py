@@ -17,20 +17,27 @@ from typing import Any
 
 import pandas as pd
 
-from utils.config import Config
+from utils.config import Config, ConfigError, thaw
+from utils.datasets import StageDataset
 
 
 class Registry:
-    """``REG = Registry("model")``; ``@REG.register("name")``; ``REG.build("name", params)``."""
+    """``REG = Registry("model")``; ``@REG.register("name")``; ``REG.build("name", params)``.
 
-    def __init__(self, kind: str):
+    ``base``: a class every registered entry must derive from (the datasets' stage contract).
+    """
+
+    def __init__(self, kind: str, base: type | None = None):
         self.kind = kind
+        self.base = base
         self._items: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._items:
                 raise KeyError(f"{self.kind} '{name}' is registered twice")
+            if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+                raise TypeError(f"{self.kind} '{name}' must derive from {self.base.__name__}")
             self._items[name] = obj
             return obj
 
@@ -46,7 +53,7 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
         return self._items[name]
 
     def check(self, name: str, keys: Iterable[str]) -> Callable[..., Any]:
@@ -61,7 +68,7 @@ class Registry:
         ]
         unknown = sorted(set(keys) - set(valid))
         if unknown and not takes_any:
-            raise TypeError(
+            raise ConfigError(
                 f"{self.kind} '{name}' got unknown params {unknown}; valid: {', '.join(valid)}"
             )
         return factory
@@ -70,20 +77,11 @@ class Registry:
         """Construct ``name`` with ``params`` (from the config) plus ``extra`` (from the code)."""
         kwargs = {**dict(params or {}), **extra}
         factory = self.check(name, kwargs)
-        return factory(**{k: _plain(v) for k, v in kwargs.items()})
-
-
-def _plain(value: Any) -> Any:
-    """Frozen config values (Config, tuples) -> plain dicts/lists for constructors."""
-    if isinstance(value, Config):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+        return factory(**{k: thaw(v) for k, v in kwargs.items()})
 
 
 MODELS = Registry("model")
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", base=StageDataset)
 LOSSES = Registry("loss")
 PIPELINES = Registry("pipeline")
 
@@ -108,17 +106,22 @@ class FoldInputs:
 class Pipeline:
     """A data set's pipeline as the generic entry points see it.
 
-    ``id_col`` names a case in every table and in the fold file. ``fold_inputs(cfg)`` gives the
-    cases to split; ``preprocess(argv)`` is its conversion's command line; ``after_oof(cfg)``
-    (optional) writes reports once a stage's OOF predictions exist; ``test(cfg, out)``
-    (optional) runs the whole test-time chain on ``cfg.data_dir``, writes its result to ``out``
-    (None: the pipeline's default place) and returns where it wrote.
+    - ``id_col``: names a case in every table and in the fold file;
+    - ``fold_inputs(cfg)``: the cases utils/fold_split.py splits;
+    - ``preprocess(cfg, workers)``: converts the data set (utils/preprocess_data.py) and returns
+      a summary line;
+    - ``train_folds(cfg, available)`` (optional): the folds ``train.py --fold all`` trains among
+      the fold file's ``available`` ones (default: all of them);
+    - ``after_oof(cfg)`` (optional): reports once a stage's OOF predictions exist (``report.py``);
+    - ``test(cfg, out)`` (optional): the whole test-time chain on ``cfg.data_dir``, written to
+      ``out`` (None: the pipeline's default place); returns where it wrote (``submit.py``).
     """
 
     name: str
     id_col: str
     fold_inputs: Callable[[Config], FoldInputs]
-    preprocess: Callable[[list[str] | None], Any]
+    preprocess: Callable[[Config, int], str]
+    train_folds: Callable[[Config, list[int]], list[int]] | None = None
     after_oof: Callable[[Config], Any] | None = None
     test: Callable[[Config, Path | None], Path] | None = None
 
@@ -140,7 +143,7 @@ def load_pipeline(name: str) -> Pipeline:
         except ModuleNotFoundError as err:
             if err.name not in (f"utils.{name}", f"utils.{name}.pipeline"):
                 raise
-            raise KeyError(
+            raise ConfigError(
                 f"unknown pipeline {name!r}; valid: {', '.join(available_pipelines())}"
             ) from None
     return PIPELINES.get(name)
@@ -149,7 +152,7 @@ def load_pipeline(name: str) -> Pipeline:
 def check_components(cfg) -> None:
     """Fail before any work when the config names an unknown pipeline, component or parameter.
 
-    Raises KeyError (unknown name) or TypeError (unknown ``params`` key) with the valid choices.
+    Raises ConfigError (an unknown name or ``params`` key) listing the valid choices.
     """
     load_pipeline(cfg["pipeline"])
     MODELS.check(cfg["model"]["name"], [*cfg["model"]["params"], *_model_extra(cfg)])

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
-
-def process_rank() -> int:
-    """This process's rank in a ``torchrun`` job (``RANK``), 0 when run alone."""
-    return int(os.environ.get("RANK", "0"))
+from utils.cli import process_rank
 
 
 def seed_everything(seed: int) -> None:
@@ -40,26 +34,3 @@ def worker_init_fn(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-class EpochSeededDataset(Dataset):
-    """A dataset over the rows of ``table`` whose random draws depend only on (seed, epoch, row).
-
-    train.py calls ``set_epoch`` before every epoch; drawing each sample's augmentation from
-    ``rng(index)`` makes a resumed run, any number of loader workers and any process count draw
-    exactly what an uninterrupted single-process run draws.
-    """
-
-    def __init__(self, table: pd.DataFrame, seed: int):
-        self.table = table.reset_index(drop=True)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])

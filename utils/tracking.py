@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from utils.config import ConfigError
+from utils.errors import InputError
+
 TRACKERS = ("none", "tensorboard", "wandb")
 
 
@@ -31,8 +34,8 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SystemExit(
-                "error: tracker.name=tensorboard needs the 'tensorboard' package (pip install tensorboard)"
+            raise InputError(
+                "tracker.name=tensorboard needs the 'tensorboard' package (pip install tensorboard)"
             ) from None
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
@@ -52,8 +55,8 @@ class WandbTracker(Tracker):
         try:
             import wandb
         except ImportError:
-            raise SystemExit(
-                "error: tracker.name=wandb needs the 'wandb' package (pip install wandb)"
+            raise InputError(
+                "tracker.name=wandb needs the 'wandb' package (pip install wandb)"
             ) from None
         run.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
@@ -85,4 +88,4 @@ def make_tracker(cfg, run: Path, fold: int) -> Tracker:
         return TensorBoardTracker(run / "tensorboard")
     if name == "wandb":
         return WandbTracker(cfg, run, fold)
-    raise SystemExit(f"error: tracker.name must be one of {list(TRACKERS)}, got {name!r}")
+    raise ConfigError(f"tracker.name must be one of {list(TRACKERS)}, got {name!r}")

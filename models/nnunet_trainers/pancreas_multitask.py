@@ -12,7 +12,7 @@ Loss = nnU-Net's segmentation loss + ``cls_weight`` x (focal | CE) classificatio
 class weights. The network's ``forward`` returns exactly the stock segmentation output, so nnU-Net's
 loss, validation, sliding-window prediction and export run unchanged; the class logits of the last
 forward are kept on the network (``last_logits``) for the train/validation steps and for our
-predictor (utils/pancreas/predict.py), which averages them over tiles, mirrors and folds.
+predictor (utils/pancreas/submit.py), which averages them over tiles, mirrors and folds.
 
 Options come from ``NNUNET_TRAINER_OPTIONS`` (JSON of ``nnunet.trainer_options``, exported by
 utils/nnunet.py): nnU-Net constructs trainers with a fixed signature. A case's class is looked up by

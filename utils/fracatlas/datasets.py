@@ -21,35 +21,28 @@ import pandas as pd
 import torch
 
 from utils import paths
+from utils.augment import augmentation
+from utils.datasets import StageDataset
 from utils.errors import InputError
+from utils.fracatlas import layout
 from utils.fracatlas.folds import read_cases, training_pool
 from utils.fracatlas.images import letterbox
 from utils.fracatlas.layout import ID
 from utils.fracatlas.metric import ranking_metrics
 from utils.fracatlas.preprocess import CASE, cases_csv
 from utils.registry import DATASETS
-from utils.seed import EpochSeededDataset
 
 
-def augmentation(strength: float) -> A.Compose:
+def train_aug(strength: float) -> A.Compose:
     """Flips, a mild affine warp (the map follows, linearly interpolated) and intensity changes."""
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=0.5),
-            A.Affine(
-                scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
-                translate_percent=(-0.05 * strength, 0.05 * strength),
-                rotate=(-15 * strength, 15 * strength),
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=0,
-                mask_interpolation=cv2.INTER_LINEAR,
-                p=0.8,
-            ),
-            A.RandomBrightnessContrast(0.2 * strength, 0.2 * strength, p=0.5),
-            A.GaussNoise(std_range=(0.0, 0.04 * strength), p=0.3),
-        ],
-        seed=0,
+    return augmentation(
+        strength,
+        rotate=15,
+        translate=0.05,
+        contrast=0.2,
+        noise=0.04,
+        p_affine=0.8,
+        linear_mask=True,
     )
 
 
@@ -58,7 +51,7 @@ def _with_files(cfg, table: pd.DataFrame, split: str, guide: bool) -> pd.DataFra
     raw = paths.nnunet_raw_dataset(cfg)
     table = table.assign(png=[str(raw / p) for p in table["image"]])
     if guide:
-        maps = paths.seg_maps(cfg, split)
+        maps = layout.seg_maps(cfg, split)
         table = table.assign(map=[str(maps / f"{c}.png") for c in table[CASE]])
         absent = [m for m in table["map"] if not Path(m).is_file()]
         if absent:
@@ -70,7 +63,7 @@ def _with_files(cfg, table: pd.DataFrame, split: str, guide: bool) -> pd.DataFra
 
 
 @DATASETS.register("fracatlas_images")
-class FractureImages(EpochSeededDataset):
+class FractureImages(StageDataset):
     """One image per row: ``image`` (in_chans, S, S) float32, ``fractured`` () float32 0/1.
 
     The grayscale X-ray (scaled to [-1, 1]) fills ``in_chans`` channels, or ``in_chans - 1``
@@ -91,9 +84,9 @@ class FractureImages(EpochSeededDataset):
     ):
         if in_chans < 1 + int(guide):
             raise ValueError(f"in_chans={in_chans} leaves no image channel with guide={guide}")
-        super().__init__(table, cfg["seed"])
+        super().__init__(table, cfg, train)
         self.size, self.in_chans, self.guide = int(image_size), int(in_chans), bool(guide)
-        self.transform = augmentation(aug) if train and aug else None
+        self.transform = train_aug(aug) if train and aug else None
 
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:
@@ -105,7 +98,7 @@ class FractureImages(EpochSeededDataset):
     def oof_inputs(cfg) -> list[Path]:
         inputs = [cases_csv(paths.nnunet_raw_dataset(cfg))]
         if cfg["dataset"]["params"].get("guide", False):
-            inputs.append(paths.seg_summary(cfg, "oof"))
+            inputs.append(layout.seg_summary(cfg, "oof"))
         return inputs
 
     @staticmethod

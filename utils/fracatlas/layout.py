@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from utils import paths
 from utils.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -160,3 +163,27 @@ def read_splits(root: Path) -> dict[str, str]:
         for image_id in table[column].dropna().str.strip():
             member.setdefault(Path(image_id).name, name)
     return member
+
+
+# ---- products: nnU-Net OOF / test predictions and maps (the guided classifier's 2nd channel), report
+def seg_predictions(cfg: Mapping[str, Any], split: str) -> Path:
+    """nnU-Net masks + probabilities of ``oof`` (each fold's model on its own fold) or ``test`` (fold ensemble)."""
+    return paths.pipeline_dir(cfg) / "nnunet" / f"predictions_{split}"
+
+
+def seg_summary(cfg: Mapping[str, Any], split: str) -> Path:
+    """nnU-Net's evaluation (``summary.json``: Dice / IoU per case and mean) of ``oof`` or ``test``."""
+    return paths.pipeline_dir(cfg) / "nnunet" / f"evaluation_{split}.json"
+
+
+def seg_maps(cfg: Mapping[str, Any], split: str) -> Path:
+    """Fracture probability maps (uint8 PNG, 255 = 1.0) per case: the mask-guided classifier's 2nd channel."""
+    return paths.pipeline_dir(cfg) / f"maps_{split}"
+
+
+def overlays_dir(cfg: Mapping[str, Any]) -> Path:
+    return paths.pipeline_dir(cfg) / "overlays"
+
+
+def roc_png(cfg: Mapping[str, Any]) -> Path:
+    return paths.pipeline_dir(cfg) / "cv_roc.png"

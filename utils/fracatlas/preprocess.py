@@ -25,7 +25,6 @@ skipped.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -40,8 +39,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import paths
-from utils.config import Config, load_config
-from utils.errors import InputError, user_errors
+from utils.config import Config
+from utils.errors import InputError
 from utils.fracatlas import layout
 from utils.fracatlas.images import UNREADABLE, UnreadableImage, rasterise, read_gray, resize_pair
 from utils.io import write_csv, write_text
@@ -280,34 +279,13 @@ def summary(table: pd.DataFrame) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help="FracAtlas folder (images/, Annotations/, ...)"
-    )
-    parser.add_argument(
-        "--out-dir", type=Path, default=None, help="nnU-Net raw dataset folder to write"
-    )
-    parser.add_argument("overrides", nargs="*", help="config/fracatlas/base.yaml overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    with user_errors():
-        cfg = load_config(CONFIG, overrides)
-        data = paths.data_dir(cfg)
-        out = args.out_dir or paths.nnunet_raw_dataset(cfg)
-        if is_current(data, out, cfg):
-            print(f"{out} is current (same inputs and prep settings): skipped")
-            return out
-        try:
-            table = convert(data, out, cfg)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{layout.coco_json(data)}: not valid JSON ({err})") from None
-    print(f"wrote {out}: {summary(table)}")
-    return out
-
-
-if __name__ == "__main__":
-    main()
+def run(cfg, workers: int = 1) -> str:
+    """The pipeline's conversion -> the nnU-Net raw dataset (skipped when current; one process)."""
+    data, out = paths.data_dir(cfg), paths.nnunet_raw_dataset(cfg)
+    if is_current(data, out, cfg):
+        return f"{out} is current (same inputs and prep settings): skipped"
+    try:
+        table = convert(data, out, cfg)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{layout.coco_json(data)}: not valid JSON ({err})") from None
+    return f"wrote {out}: {summary(table)}"

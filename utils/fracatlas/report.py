@@ -10,12 +10,13 @@ nnU-Net OOF prediction).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import matplotlib
+
+from utils import cli
 
 matplotlib.use("Agg")
 import cv2  # noqa: E402
@@ -25,8 +26,8 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from utils import paths  # noqa: E402
-from utils.config import Config, load_config  # noqa: E402
-from utils.errors import user_errors  # noqa: E402
+from utils.config import Config  # noqa: E402
+from utils.fracatlas import layout  # noqa: E402
 from utils.fracatlas.folds import read_cases  # noqa: E402
 from utils.fracatlas.layout import ID  # noqa: E402
 from utils.fracatlas.metric import classification_metrics, seg_cases, seg_metrics  # noqa: E402
@@ -58,7 +59,7 @@ def classifier_results(cfg: Config, path: Path) -> dict | None:
 
 
 def seg_results(cfg: Config, split: str) -> dict | None:
-    path = paths.seg_summary(cfg, split)
+    path = layout.seg_summary(cfg, split)
     return _round(seg_metrics(seg_cases(path))) if path.is_file() else None
 
 
@@ -169,7 +170,7 @@ def plot_roc(cfg: Config, path: Path) -> Path | None:
 
 def plot_overlays(cfg: Config, n: int) -> list[Path]:
     """Up to ``n`` OOF fractured images: image | truth (green) | nnU-Net prediction (red)."""
-    predictions = paths.seg_predictions(cfg, "oof")
+    predictions = layout.seg_predictions(cfg, "oof")
     if not predictions.is_dir() or n <= 0:
         return []
     raw = paths.nnunet_raw_dataset(cfg)
@@ -193,7 +194,7 @@ def plot_overlays(cfg: Config, n: int) -> list[Path]:
                 ax.imshow(np.ma.masked_equal(mask, 0), cmap=colour, vmin=0, vmax=1, alpha=0.7)
             ax.set_title(title), ax.axis("off")
         fig.suptitle(row.image_id, fontsize=9)
-        path = paths.overlays_dir(cfg) / f"{row.case_id}.png"
+        path = layout.overlays_dir(cfg) / f"{row.case_id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
@@ -207,7 +208,7 @@ def write_report(cfg: Config) -> dict:
     report = build_report(cfg)
     write_text(json.dumps(report, indent=2) + "\n", paths.cv_report(cfg, "json"))
     write_text(markdown(report), paths.cv_report(cfg, "md"))
-    plot_roc(cfg, paths.roc_png(cfg))
+    plot_roc(cfg, layout.roc_png(cfg))
     plot_overlays(cfg, int(cfg.report.overlays))
     return report
 
@@ -224,12 +225,7 @@ def after_oof(run: Config) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m utils.fracatlas.report --CFG config/fracatlas/base.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--CFG", required=True, help="config/fracatlas/base.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    with user_errors():
-        print(after_oof(load_config(args.CFG, args.overrides)))
+    cli.config_command(__doc__, after_oof, "config/fracatlas/base.yaml", argv)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ and ``cases.csv``; otherwise they are redone from scratch.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,10 +27,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from utils import nnunet, paths
-from utils.config import Config, ConfigError, load_config
+from utils import cli, nnunet, paths
+from utils.config import Config
 from utils.errors import InputError
 from utils.folds import load_folds, with_folds, write_nnunet_splits
+from utils.fracatlas import layout
 from utils.fracatlas.folds import read_cases
 from utils.fracatlas.layout import ID
 from utils.fracatlas.preprocess import CASE, cases_csv
@@ -70,7 +69,7 @@ def split_cases(cfg: Config, split: str) -> pd.DataFrame:
 
 
 def is_current(cfg: Config, split: str) -> bool:
-    summary = paths.seg_summary(cfg, split)
+    summary = layout.seg_summary(cfg, split)
     sources = [cases_csv(paths.nnunet_raw_dataset(cfg))]
     sources += [nnunet.fold_dir(cfg, k) / "checkpoint_final.pth" for k in nnunet.folds(cfg)]
     return summary.is_file() and all(
@@ -79,18 +78,16 @@ def is_current(cfg: Config, split: str) -> bool:
 
 
 def predict(cfg: Config, split: str) -> pd.DataFrame:
-    """Masks + probabilities of ``split`` into ``paths.seg_predictions`` (see module docstring)."""
+    """Masks + probabilities of ``split`` into ``layout.seg_predictions`` (see module docstring)."""
     cases = split_cases(cfg, split)
-    raw, out = paths.nnunet_raw_dataset(cfg), paths.seg_predictions(cfg, split)
+    raw, out = paths.nnunet_raw_dataset(cfg), layout.seg_predictions(cfg, split)
     missing = [
         k
         for k in nnunet.folds(cfg)
         if not (nnunet.fold_dir(cfg, k) / "checkpoint_final.pth").is_file()
     ]
     if missing:
-        raise nnunet.NnunetError(
-            f"nnU-Net folds {missing} are not trained ({paths.nnunet_model_dir(cfg)})"
-        )
+        raise InputError(f"nnU-Net folds {missing} are not trained ({paths.nnunet_model_dir(cfg)})")
     shutil.rmtree(out, ignore_errors=True)
     env = nnunet.environment(cfg)
     groups = cases.groupby("fold") if split == "oof" else [(None, cases)]
@@ -117,8 +114,8 @@ def write_maps(cases: pd.DataFrame, predictions: Path, maps: Path) -> None:
 
 
 def evaluate(cfg: Config, cases: pd.DataFrame, split: str) -> Path:
-    """``nnUNetv2_evaluate_simple`` on the cases with a label -> ``paths.seg_summary``."""
-    raw, out = paths.nnunet_raw_dataset(cfg), paths.seg_predictions(cfg, split)
+    """``nnUNetv2_evaluate_simple`` on the cases with a label -> ``layout.seg_summary``."""
+    raw, out = paths.nnunet_raw_dataset(cfg), layout.seg_predictions(cfg, split)
     scored = cases[cases["label"] != ""]
     base = out.parent / f".eval_{split}"
     gt = _link_folder(
@@ -129,42 +126,34 @@ def evaluate(cfg: Config, cases: pd.DataFrame, split: str) -> Path:
     result = base / "summary.json"
     cmd = ["nnUNetv2_evaluate_simple", str(gt), str(pred), "-l", "1", "-o", str(result)]
     nnunet.run([*cmd, "-np", str(cfg.nnunet.n_proc)], nnunet.environment(cfg))
-    summary = write_text(result.read_text(), paths.seg_summary(cfg, split))
+    summary = write_text(result.read_text(), layout.seg_summary(cfg, split))
     shutil.rmtree(base)
     return summary
 
 
 def run_split(cfg: Config, split: str) -> Path:
     if is_current(cfg, split):
-        print(f"{paths.seg_summary(cfg, split)} is newer than the models: predictions reused")
-        return paths.seg_summary(cfg, split)
+        print(f"{layout.seg_summary(cfg, split)} is newer than the models: predictions reused")
+        return layout.seg_summary(cfg, split)
     cases = predict(cfg, split)
-    write_maps(cases, paths.seg_predictions(cfg, split), paths.seg_maps(cfg, split))
+    write_maps(cases, layout.seg_predictions(cfg, split), layout.seg_maps(cfg, split))
     summary = evaluate(cfg, cases, split)
     print(f"nnU-Net {split}: {len(cases)} images predicted, evaluation {summary}")
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="config/fracatlas/base.yaml")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser(__doc__, cfg="config/fracatlas/base.yaml", overrides=False)
     parser.add_argument("step", choices=["splits", "oof", "test"])
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.CFG, args.overrides)
+    with cli.running():
+        cfg = cli.load(args)
         if args.step == "splits":
             print(f"wrote {write_splits(cfg)}")
         else:
             run_split(cfg, args.step)
-    except (ConfigError, InputError, nnunet.NnunetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

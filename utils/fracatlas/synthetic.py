@@ -14,7 +14,6 @@ label fault of an early release). Split files list the fractured images only (80
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from utils import cli
 from utils.fracatlas import layout
 from utils.io import write_text
 
@@ -286,14 +286,7 @@ def generate(out: Path | str, preset: str = "tiny", seed: int = 0) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="data folder to create")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    counts = generate(args.out, args.preset, args.seed)
-    print(f"wrote {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-    return counts
+    return cli.generator(__doc__, generate, PRESETS, argv)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import cv2
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 
 from utils import paths
+from utils.augment import augmentation
+from utils.datasets import StageDataset
 from utils.hipmri import layout
 from utils.hipmri.folds import training_slices
 from utils.hipmri.metric import CLASSES, dice_counts, dice_from_counts, dice_summary
@@ -31,33 +32,27 @@ from utils.hipmri.preprocess import slices_csv
 from utils.hipmri.slices import fit, normalise, plane_shape, read_image, read_mask, unfit
 from utils.io import write_csv
 from utils.registry import DATASETS
-from utils.seed import EpochSeededDataset
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(CLASSES)
 
 
-def augmentation(strength: float) -> A.Compose:
-    """Train-time augmentation: small affine warps (mask: nearest) and intensity changes."""
-    return A.Compose(
-        [
-            A.Affine(
-                scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
-                translate_percent=(-0.05 * strength, 0.05 * strength),
-                rotate=(-10 * strength, 10 * strength),
-                # Slice edges are background: replicate them (0 is the mean of a z-scored slice).
-                border_mode=cv2.BORDER_REPLICATE,
-                p=0.7,
-            ),
-            A.RandomBrightnessContrast(0.2 * strength, 0.2 * strength, p=0.5),
-            A.GaussNoise(std_range=(0.0, 0.05 * strength), p=0.3),
-        ],
-        seed=0,
+def train_aug(strength: float) -> A.Compose:
+    """Small affine warps (mask: nearest) and intensity changes, no flip. Slice edges are
+    background: they are replicated (0 is the mean of a z-scored slice)."""
+    return augmentation(
+        strength,
+        rotate=10,
+        translate=0.05,
+        contrast=0.2,
+        noise=0.05,
+        flip=False,
+        replicate_border=True,
     )
 
 
 @DATASETS.register("hipmri_slices")
-class HipSlices(EpochSeededDataset):
+class HipSlices(StageDataset):
     """One slice per row: ``image`` (1, H, W) float32 z-scored, ``mask`` (H, W) int64 (when known).
 
     ``(H, W)`` is ``image_size``: slices are centre-cropped or padded to it (padding takes the
@@ -75,10 +70,10 @@ class HipSlices(EpochSeededDataset):
         image_size: Sequence[int] = (256, 128),
         aug: float = 1.0,
     ):
-        super().__init__(table, cfg["seed"])
+        super().__init__(table, cfg, train)
         self.size = (int(image_size[0]), int(image_size[1]))
         self.has_masks = "mask" in self.table and bool((self.table["mask"] != "").all())
-        self.transform = augmentation(aug) if train and aug else None
+        self.transform = train_aug(aug) if train and aug else None
 
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from utils.config import ConfigError
+from utils.errors import InputError
 from utils.hipmri.layout import ID
 from utils.hipmri.preprocess import slices_csv
 from utils.registry import FoldInputs
@@ -21,13 +23,13 @@ def training_slices(cfg) -> pd.DataFrame:
     """Rows of ``prep/slices.csv`` in the train and validate splits (ids and patients as str)."""
     path = slices_csv(cfg)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found; run python -m utils.preprocess_data --pipeline hipmri first"
         )
     table = pd.read_csv(path, dtype={ID: str, "patient": str, "mask": str}, keep_default_na=False)
     table = table[table["split"].isin(["train", "validate"])].reset_index(drop=True)
     if table.empty:
-        raise ValueError(f"{path} has no train or validate slices")
+        raise InputError(f"{path} has no train or validate slices")
     return table
 
 
@@ -37,7 +39,13 @@ def fold_inputs(cfg) -> FoldInputs:
     if cfg["split"] == "folds":
         return FoldInputs(table, groups=table["patient"].to_numpy())
     if cfg["split"] != "given":
-        raise ValueError(f"split must be 'given' or 'folds', got {cfg['split']!r}")
+        raise ConfigError(f"split must be 'given' or 'folds', got {cfg['split']!r}")
     if not {"train", "validate"} <= set(table["split"]):
-        raise ValueError("split: given needs slices in both keras_slices_train and _validate")
+        raise InputError("split: given needs slices in both keras_slices_train and _validate")
     return FoldInputs(table, given=np.where(table["split"] == "validate", 0, 1))
+
+
+def train_folds(cfg, available: list[int]) -> list[int]:
+    """``train.py --fold all``: fold 0 of the given split (fold 1 only completes the file), every
+    fold of ``split: folds``."""
+    return [0] if cfg["split"] == "given" else available

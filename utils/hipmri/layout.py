@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from utils.errors import InputError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validate", "test")
@@ -65,11 +67,11 @@ def pair_split(root: Path, split: str, masks_optional: bool = False) -> pd.DataF
     """Rows (``COLUMNS``) of one split, image and mask paired by name, sorted by id.
 
     Unpaired files are logged and skipped; with ``masks_optional`` (test images to predict) an
-    image without a mask is kept with ``mask == ""``. Missing image folder: ``FileNotFoundError``.
+    image without a mask is kept with ``mask == ""``. Missing image folder: ``InputError``.
     """
     folder = image_dir(root, split)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} not found: data_dir must hold keras_slices_{split}/")
+        raise InputError(f"{folder} not found: data_dir must hold keras_slices_{split}/")
     images, masks = _scan(folder, "case"), _scan(mask_dir(root, split), "seg")
     rows = []
     for key, image in images.items():

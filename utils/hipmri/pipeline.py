@@ -1,24 +1,21 @@
-"""The HipMRI pipeline as the generic entry points see it (imported by utils.registry.load_pipeline).
+"""HipMRI as the generic entry points see it (utils/registry.load_pipeline imports this module).
 
-Importing this module registers the HipMRI dataset, loss and model.
+Importing it registers the slice dataset, its loss and the UNet.
 """
 
 from __future__ import annotations
 
-import models.hipmri  # noqa: F401  (registers the models)
-from utils.hipmri import datasets, losses  # noqa: F401  (register the dataset and loss)
-from utils.hipmri.folds import fold_inputs
-from utils.hipmri.layout import ID
-from utils.hipmri.preprocess import main as preprocess_main
-from utils.hipmri.report import test_chain
+import models.hipmri  # noqa: F401  (registers the model)
+from utils.hipmri import datasets, folds, layout, losses, preprocess, submit  # noqa: F401
 from utils.registry import PIPELINES, Pipeline
 
 PIPELINE = PIPELINES.register("hipmri")(
     Pipeline(
         name="hipmri",
-        id_col=ID,
-        fold_inputs=fold_inputs,
-        preprocess=preprocess_main,
-        test=test_chain,
+        id_col=layout.ID,
+        fold_inputs=folds.fold_inputs,
+        preprocess=preprocess.run,
+        train_folds=folds.train_folds,
+        test=submit.test_chain,
     )
 )

@@ -10,7 +10,6 @@ shape differs from the image's) are logged with their path and skipped.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -18,8 +17,6 @@ import nibabel as nib
 import pandas as pd
 
 from utils import paths
-from utils.config import load_config
-from utils.errors import user_errors
 from utils.hipmri import layout
 from utils.hipmri.slices import plane_shape
 from utils.io import write_csv
@@ -66,26 +63,9 @@ def build_table(data: Path, splits: tuple[str, ...] = layout.SPLITS) -> pd.DataF
     return pd.concat(parts, ignore_index=True)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=None, help="HipMRI slice folder")
-    parser.add_argument("overrides", nargs="*", help="config/hipmri/base.yaml overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    with user_errors():
-        cfg = load_config(CONFIG, overrides)
-    try:
-        table = build_table(paths.data_dir(cfg))
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+def run(cfg, workers: int = 1) -> str:
+    """The pipeline's conversion: pair the slices -> ``prep/slices.csv`` (one process suffices)."""
+    table = build_table(paths.data_dir(cfg))
     out = write_csv(table, slices_csv(cfg))
     counts = table["split"].value_counts().reindex(layout.SPLITS, fill_value=0)
-    print(f"wrote {out}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    return f"wrote {out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -1,35 +1,29 @@
-"""HipMRI test-time run: fold-mean masks of the test split, per-class Dice, report and overlays.
+"""HipMRI test report: per-class Dice of the predicted test masks and overlay PNGs.
 
-``python inference.py --CFG config/hipmri/unet.yaml --split test [--data-dir D] [--out DIR]``
-writes ``DIR/seg_<p>_week_<w>_slice_<s>.nii.gz`` for every image of ``D/keras_slices_test/``
-(input shape and affine, labels 0..5) and ``DIR/slices.csv`` (per-slice Dice). When masks are
-present in ``keras_slices_seg_test/``: ``<output_dir>/hipmri/cv_report.{md,json}`` (Dice per
-class pooled over the test slices, the foreground mean, ``n_test``) and overlay PNGs of a few
-slices (truth vs prediction) in ``<output_dir>/hipmri/test_overlays/``.
+Written by the test hook (utils/hipmri/submit.py) when the test slices have masks:
+``<output_dir>/hipmri/cv_report.{md,json}`` (Dice per class pooled over the test slices, the
+foreground mean, ``n_test``) and overlays of a few slices (truth vs prediction) in
+``<output_dir>/hipmri/test_overlays/``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.colors import ListedColormap
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-
-from utils import paths  # noqa: E402
-from utils.config import Config  # noqa: E402
-from utils.hipmri import layout  # noqa: E402
-from utils.hipmri.datasets import HipSlices, MaskWriter  # noqa: E402
-from utils.hipmri.metric import CLASSES, FOREGROUND, dice_from_counts  # noqa: E402
-from utils.hipmri.slices import read_image, read_mask  # noqa: E402
-from utils.io import atomic_path, write_text  # noqa: E402
-from utils.predict import load_models, predict_to, run_config  # noqa: E402
+from utils import paths
+from utils.config import Config
+from utils.hipmri import layout
+from utils.hipmri.datasets import MaskWriter
+from utils.hipmri.metric import CLASSES, FOREGROUND, dice_from_counts, dice_summary
+from utils.hipmri.slices import read_image, read_mask
+from utils.io import write_text
+from utils.plots import plt, save_figure
 
 log = logging.getLogger(__name__)
 # Label colours of the overlays: transparent background, then body, bone, bladder, rectum, prostate.
@@ -45,42 +39,13 @@ COLOURS = ListedColormap(
 )
 
 
-def test_chain(cfg: Config, out: Path | None) -> Path:
-    """The pipeline's ``test`` hook: masks of ``cfg.data_dir``'s test split into ``out``.
-
-    ``out`` None: ``masks/`` in the data folder's test folder (utils/paths.test_dir).
-    """
-    run = run_config(cfg)
-    out = Path(out) if out is not None else paths.test_dir(cfg) / "masks"
-    table = HipSlices.test_table(run)
-    if table.empty:
-        raise SystemExit(
-            f"error: no test images in {layout.image_dir(paths.data_dir(run), 'test')}"
-        )
-    models = load_models(run)
-    log.info("predicting %d test slices with folds %s", len(table), sorted(models))
-    with HipSlices.make_writer(run, out, table) as writer:
-        predict_to(writer, run, models.values(), table)
-    if writer.n_scored:
-        report = write_report(run, writer, table, sorted(models))
-        print(dice_table(report))
-        plot_overlays(
-            table, Path(out), paths.pipeline_dir(run) / "test_overlays", int(run.report.overlays)
-        )
-    print(f"test masks: {out} ({len(table)} slices)")
-    return Path(out)
-
-
 def write_report(run: Config, writer: MaskWriter, table: pd.DataFrame, folds: list[int]) -> dict:
     """``cv_report.{json,md}`` from the writer's pooled counts; returns the JSON content."""
-    dice = dice_from_counts(writer.counts)
-    fg = dice[1:]
+    summary = dice_summary(dice_from_counts(writer.counts))
+    rounded = {k: None if math.isnan(v) else round(v, 4) for k, v in summary.items()}
     report = {
-        "dice": {
-            c: (None if np.isnan(d) else round(float(d), 4))
-            for c, d in zip(CLASSES, dice, strict=True)
-        },
-        "dice_mean_foreground": round(float(np.nanmean(fg)), 4) if np.isfinite(fg).any() else None,
+        "dice": {c: rounded[f"dice_{c}"] for c in CLASSES},
+        "dice_mean_foreground": rounded["dice_mean_fg"],
         "n_test": int(writer.n_scored),
         "n_predicted": len(table),
         "data_dir": str(paths.data_dir(run)),
@@ -143,9 +108,5 @@ def plot_overlays(table: pd.DataFrame, masks: Path, folder: Path, n: int) -> lis
             "blue, orange, pink)",
             fontsize=8,
         )
-        path = folder / f"{getattr(row, layout.ID)}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / f"{getattr(row, layout.ID)}.png"))
     return written

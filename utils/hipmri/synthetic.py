@@ -15,7 +15,6 @@ Deterministic for a seed: every scan draws from its own generator (seed, patient
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import cv2
 import nibabel as nib
 import numpy as np
 
+from utils import cli
 from utils.hipmri import layout
 
 
@@ -229,14 +229,7 @@ def generate(out: Path | str, preset: str = "tiny", seed: int = 0) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="data folder to create")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    counts = generate(args.out, args.preset, args.seed)
-    print(f"wrote {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
-    return counts
+    return cli.generator(__doc__, generate, PRESETS, argv)
 
 
 if __name__ == "__main__":

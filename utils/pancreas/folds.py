@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from utils.pancreas.convert import cases_csv
 from utils.pancreas.layout import ID, TEST_SPLIT
+from utils.pancreas.preprocess import cases_csv
 from utils.registry import FoldInputs
 
 

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from utils import paths
+from utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def _labelled_split(root: Path, split: str) -> list[tuple[str, str, int, str, st
     """Rows of one labelled split: every ``subtype<k>/`` folder, images paired with masks."""
     folder = root / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} not found: data_dir must hold {split}/subtype<k>/")
+        raise InputError(f"{folder} not found: data_dir must hold {split}/subtype<k>/")
     rows = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         match = _SUBTYPE_DIR.match(sub.name)
@@ -99,3 +104,17 @@ def scan(root: Path, with_test: bool = True) -> pd.DataFrame:
     for row in table[dup].itertuples(index=False):
         log.warning("skipping %s: case id %s seen before", row.image, row.case_id)
     return table[~dup].reset_index(drop=True)
+
+
+# ---- products: the case-label CSV beside dataset.json, prediction runs ------------------------
+def nnunet_case_labels(cfg: Mapping[str, Any]) -> Path:
+    """Per-case class labels of a multi-task dataset (``nnunet.trainer_options.case_labels``).
+
+    Beside ``dataset.json`` in the raw dataset: our trainers read it there by case id.
+    """
+    return paths.nnunet_raw_dataset(cfg) / cfg["nnunet"]["trainer_options"]["case_labels"]
+
+
+def predictions_dir(cfg: Mapping[str, Any], name: str) -> Path:
+    """``<pipeline>/predictions/<name>/``: one prediction run (masks + per-case CSVs)."""
+    return paths.pipeline_dir(cfg) / "predictions" / name

@@ -1,12 +1,16 @@
-"""The pancreas pipeline as the generic entry points see it (imported by utils.registry.load_pipeline)."""
+"""The pancreas pipeline as the generic entry points see it (utils/registry.load_pipeline).
+
+No torch stage: nnU-Net trains and predicts through its own CLI with our trainers
+(models/nnunet_trainers/pancreas_multitask.py); report.py and submit.py are its steps.
+"""
 
 from __future__ import annotations
 
-from utils.pancreas.convert import main as convert_main
-from utils.pancreas.folds import fold_inputs
-from utils.pancreas.layout import ID
+from utils.pancreas import folds, layout, preprocess
 from utils.registry import PIPELINES, Pipeline
 
 PIPELINE = PIPELINES.register("pancreas")(
-    Pipeline(name="pancreas", id_col=ID, fold_inputs=fold_inputs, preprocess=convert_main)
+    Pipeline(
+        name="pancreas", id_col=layout.ID, fold_inputs=folds.fold_inputs, preprocess=preprocess.run
+    )
 )

@@ -2,7 +2,7 @@
 
 For each trainer of ``report.trainers`` the fold ensemble predicts the validation cases of fold 0
 of ``splits_final.json`` (the data set's validation/ folder) with the one-pass predictor
-(utils/pancreas/predict.py) into ``<output_dir>/pancreas/predictions/validation_<trainer>/``; the
+(utils/pancreas/submit.py) into ``<output_dir>/pancreas/predictions/validation_<trainer>/``; the
 written masks are scored against the converted labels (whole-pancreas Dice on label > 0, lesion
 Dice on the lesion label, means over cases) and the subtypes against the case-label CSV (macro-F1,
 per-class recall). Writes ``cv_report.md`` / ``cv_report.json`` and prints the table, with the
@@ -11,10 +11,8 @@ macro-F1 of always predicting the majority training class as the baseline to bea
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,11 +20,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from utils import paths
-from utils.config import ConfigError, load_config
-from utils.io import write_text
-from utils.pancreas import layout, metrics
-from utils.pancreas.predict import MULTITASK_ERRORS, predict_images
+from utils import cli, paths
+from utils.errors import InputError
+from utils.io import read_csv, write_text
+from utils.pancreas import layout, metric
+from utils.pancreas.submit import predict_images
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ def split_cases(cfg, fold: int = 0) -> tuple[list[str], list[str]]:
     """(train, validation) case ids of ``fold`` in ``splits_final.json``."""
     path = paths.nnunet_splits(cfg)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found: write the folds first (utils.fold_split --nnunet-splits)"
         )
     split = json.loads(path.read_text())[fold]
@@ -54,7 +52,7 @@ def score_cases(
     for row in predicted.itertuples(index=False):
         pred = np.asanyarray(nib.load(pred_dir / row.Names).dataobj)
         truth = np.asanyarray(nib.load(labels_dir / row.Names).dataobj)
-        d_pancreas, d_lesion = metrics.case_dice(pred, truth, lesion_label)
+        d_pancreas, d_lesion = metric.case_dice(pred, truth, lesion_label)
         case = row.Names[: -len(layout.MASK_SUFFIX)]
         rows.append(
             {
@@ -73,11 +71,11 @@ def evaluate_trainer(cfg, trainer: str, val_cases: list[str], classes: dict[str,
     """Predict and score the validation cases with ``trainer``: the report's row (and per-class recall)."""
     opts = cfg["nnunet"]["trainer_options"]
     raw = paths.nnunet_raw_dataset(cfg)
-    out = paths.predictions_dir(cfg, f"validation_{trainer}")
+    out = layout.predictions_dir(cfg, f"validation_{trainer}")
     images = [raw / "imagesTr" / layout.image_name(c) for c in val_cases]
     predicted = predict_images(cfg, trainer, images, out)
     scored = score_cases(out, raw / "labelsTr", predicted, classes, int(opts["lesion_label"]))
-    macro_f1, recall = metrics.classification(
+    macro_f1, recall = metric.classification(
         scored["subtype"], scored["predicted"], int(opts["num_classes"])
     )
     return {
@@ -108,29 +106,22 @@ def markdown(results: dict[str, dict], baseline: float, tta: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="config/pancreas/base.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.CFG, args.overrides)
-        table = pd.read_csv(paths.nnunet_case_labels(cfg), dtype={"case_id": str})
-        classes = dict(zip(table["case_id"], table["subtype"].astype(int), strict=True))
-        train_cases, val_cases = split_cases(cfg)
-        k = int(cfg["nnunet"]["trainer_options"]["num_classes"])
-        baseline = metrics.majority_baseline(
-            [classes[c] for c in train_cases], [classes[c] for c in val_cases], k
+def write_report(cfg) -> str:
+    """Evaluate every trainer of ``report.trainers`` on the validation cases; write the report."""
+    table = read_csv(layout.nnunet_case_labels(cfg), dtype={"case_id": str})
+    classes = dict(zip(table["case_id"], table["subtype"].astype(int), strict=True))
+    train_cases, val_cases = split_cases(cfg)
+    unlabelled = sorted(set(train_cases + val_cases) - set(classes))
+    if unlabelled:
+        raise InputError(
+            f"{layout.nnunet_case_labels(cfg)} has no subtype for {len(unlabelled)} cases "
+            f"(e.g. {unlabelled[:3]}): convert the data set again"
         )
-        results = {
-            t: evaluate_trainer(cfg, t, val_cases, classes) for t in cfg["report"]["trainers"]
-        }
-    except (ConfigError, *MULTITASK_ERRORS) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    k = int(cfg["nnunet"]["trainer_options"]["num_classes"])
+    baseline = metric.majority_baseline(
+        [classes[c] for c in train_cases], [classes[c] for c in val_cases], k
+    )
+    results = {t: evaluate_trainer(cfg, t, val_cases, classes) for t in cfg["report"]["trainers"]}
     report = {
         "trainers": results,
         "majority_baseline_macro_f1": round(baseline, 4),
@@ -139,10 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_text(json.dumps(report, indent=2) + "\n", paths.cv_report(cfg, "json"))
     text = markdown(results, baseline, report["tta"])
     write_text(text, paths.cv_report(cfg, "md"))
-    print("\n" + text)
-    print(f"report: {paths.cv_report(cfg, 'md')}  {paths.cv_report(cfg, 'json')}")
-    return 0
+    return f"\n{text}\nreport: {paths.cv_report(cfg, 'md')}  {paths.cv_report(cfg, 'json')}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.config_command(__doc__, write_report, "config/pancreas/base.yaml", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -18,7 +18,6 @@ Deterministic for a seed: each case draws from its own generator (seed, case ind
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from utils import cli
 from utils.io import atomic_path
 from utils.pancreas import layout
 
@@ -124,9 +124,11 @@ def _save(array_zyx: np.ndarray, affine: np.ndarray, path: Path) -> None:
         tmp.with_suffix(".nii.gz").replace(tmp)
 
 
-def write_dataset(out: Path, preset: Preset, seed: int) -> int:
-    """Write every case of ``preset`` under ``out``; returns the number of cases written."""
-    index = 0
+def generate(out: Path | str, preset: str = "demo", seed: int = 0) -> dict[str, int]:
+    """Write every case of the preset named ``preset`` under ``out``; returns case counts."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
+    out, preset, index = Path(out), PRESETS[preset], 0
     for split in layout.LABELLED_SPLITS:
         for subtype, count in enumerate(getattr(preset, split)):
             for _ in range(count):
@@ -150,19 +152,11 @@ def write_dataset(out: Path, preset: Preset, seed: int) -> int:
             out / layout.TEST_SPLIT / layout.image_name(f"quiz_{k:03d}"),
         )
         index += 1
-    return index
+    return {"labelled": index - preset.test, "test": preset.test}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, required=True, help="data folder to write")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    n = write_dataset(args.out, PRESETS[args.preset], args.seed)
-    print(f"wrote {n} synthetic pancreas cases to {args.out} (preset {args.preset})")
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    return cli.generator(__doc__, generate, PRESETS, argv, default="demo")
 
 
 if __name__ == "__main__":

@@ -13,20 +13,20 @@ runs again).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from pathlib import Path
 
 import pandas as pd
 
-from utils import paths
-from utils.config import Config, load_config
-from utils.errors import InputError, user_errors
+from utils import cli, paths
+from utils.config import Config
+from utils.errors import InputError
 from utils.io import write_text
-from utils.rsna.chain import report_markdown, test_chain
+from utils.rsna import layout
 from utils.rsna.datasets import train_priors
 from utils.rsna.metric import TARGETS, UID, long_to_wide, per_target_auc, score
+from utils.rsna.report import report_markdown
+from utils.rsna.submit import test_chain
 
 ANSWERS = "test_labels.csv"
 
@@ -41,7 +41,7 @@ def cross_style(cfg: Config, data: Path) -> dict:
         raise InputError(f"{report_path} not found: run the CV report on the training data first")
     truth = pd.read_csv(answers, dtype={UID: str})
     test_cfg = cfg.replace(data_dir=str(data))
-    sub = test_chain(test_cfg, paths.submission_csv(test_cfg))
+    sub = test_chain(test_cfg, layout.submission_csv(test_cfg))
     wide = long_to_wide(sub).set_index(UID).reindex(truth[UID]).reset_index()
     priors = train_priors(cfg)
     constant = truth[[UID]].assign(**{t: priors[t] for t in TARGETS})
@@ -61,16 +61,11 @@ def cross_style(cfg: Config, data: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="the chain's last stage config")
+    parser = cli.parser(__doc__, cfg="config/rsna/patient_head.yaml")
     parser.add_argument("--data-dir", required=True, type=Path, help="test-only folder + answers")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with user_errors():
-        r = cross_style(load_config(args.CFG, args.overrides), args.data_dir)
+    with cli.running():
+        r = cross_style(cli.load(args), args.data_dir)
     print(
         f"cross-style ({r['n_studies']} unseen-style studies): metric {r['metric']:.4f} | "
         f"constant prior {r['baseline_prior']:.4f} | 0.5 everywhere {r['baseline_half']:.4f}"

@@ -1,16 +1,7 @@
 """RSNA 2022 datasets (registered in ``utils.registry.DATASETS``), read from the uint8 volume cache.
 
-A registered dataset class provides
-
-- ``load_table(cfg) -> DataFrame``: every training row of the stage (with ``StudyInstanceUID``);
-  train.py splits it with the fold file;
-- ``oof_table(cfg)``: the rows inference.py predicts out of fold (default: ``load_table``), and
-  ``oof_inputs(cfg)``: the files that table is made from (a newer one invalidates the OOF file);
-- ``key_columns`` and ``output_columns(outputs)``: what a prediction row holds (utils/predict.py);
-- ``__init__(table, cfg, train, **params)`` and ``__getitem__ -> dict`` of tensors;
-- ``set_epoch(epoch)``: augmentation is seeded by (seed, epoch, index), so a resumed run and
-  a straight run see identical samples whatever the worker scheduling;
-- ``evaluate(outputs, table) -> dict`` of validation metrics on concatenated model outputs.
+Stage 1 (``vertebra_slices``), stage 2 (``vertebra_sequences``) and the patient head
+(``study_logits``); each follows the stage contract of utils/datasets.py.
 """
 
 from __future__ import annotations
@@ -27,14 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import Dataset
 
 from utils import paths
+from utils.augment import augmentation
+from utils.datasets import StageDataset
+from utils.errors import InputError
 from utils.registry import DATASETS
 from utils.rsna import layout
 from utils.rsna.metric import TARGETS, UID, VERTEBRAE, score
 from utils.rsna.preprocess import BOX_COLS
-from utils.seed import EpochSeededDataset
 
 
 @lru_cache(maxsize=64)
@@ -80,40 +72,20 @@ def train_aug(strength: float, with_boxes: bool = False) -> A.Compose:
     Geometry (flip, affine) plus acquisition (contrast, gamma, noise, blur): scanners and
     reconstruction kernels differ in noise and sharpness, and the model should not learn one
     scanner's look (the cross-style check, docs/benchmarks.md). Small data sets from scratch
-    need a low ``strength`` (the demo's stage 2 uses 0.3).
+    need a low ``strength`` (the demo's stage 2 uses 0.3). Noise is a share of 255.
     """
-    ops = [
-        A.HorizontalFlip(p=0.5),
-        A.Affine(
-            scale=(1 - 0.1 * strength, 1 + 0.1 * strength),
-            translate_percent=(-0.06 * strength, 0.06 * strength),
-            rotate=(-12 * strength, 12 * strength),
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            p=0.7,
-        ),
-        A.RandomBrightnessContrast(0.15 * strength, 0.15 * strength, p=0.5),
-        A.RandomGamma((100 - 20 * strength, 100 + 20 * strength), p=0.3),
-        A.GaussNoise(std_range=(0.0, 0.03 * strength), p=0.3),  # share of 255
-        A.GaussianBlur(sigma_limit=(0.1, 0.1 + 0.8 * strength), p=0.2),  # px
-    ]
-    bbox = (
-        A.BboxParams(format="albumentations", label_fields=["box_labels"], clip=True)
-        if with_boxes
-        else None
-    )
-    return A.Compose(ops, bbox_params=bbox, seed=0)
+    ranges = {"rotate": 12, "translate": 0.06, "contrast": 0.15, "noise": 0.03}  # at strength 1
+    return augmentation(strength, **ranges, acquisition=True, bboxes=with_boxes)
 
 
-class _CacheDataset(EpochSeededDataset):
+class _CacheDataset(StageDataset):
     """Common parts: the prep dir's volume cache and the train-only augmentation strength."""
 
     def __init__(
         self, table: pd.DataFrame, cfg: Mapping[str, Any], train: bool, aug: float, prep=None
     ):
-        super().__init__(table, cfg["seed"])
+        super().__init__(table, cfg, train)
         self.prep = Path(prep) if prep is not None else paths.prep_dir(cfg)
-        self.train = train
         self.aug = aug if train else 0.0
 
     def volume(self, uid: str) -> np.ndarray:
@@ -353,8 +325,8 @@ def train_priors(cfg) -> dict[str, float]:
         return {t: float((labels[t].sum() + 1) / (len(labels) + 2)) for t in TARGETS}
     saved = layout.priors_json(cfg)
     if not saved.is_file():
-        raise SystemExit(
-            f"error: {labels_path} not found and no saved train priors ({saved}); "
+        raise InputError(
+            f"{labels_path} not found and no saved train priors ({saved}); "
             "run the CV report (inference.py --split oof) on the training data first"
         )
     return json.loads(saved.read_text())
@@ -374,11 +346,11 @@ def slice_table(studies: pd.DataFrame) -> pd.DataFrame:
 
 
 @DATASETS.register("study_logits")
-class StudyLogits(Dataset):
+class StudyLogits(StageDataset):
     """One study per row: ``logits`` (7,), ``missing`` (7,); target ``targets`` (8,) in TARGETS order."""
 
     def __init__(self, table, cfg, train):
-        self.table = table.reset_index(drop=True)
+        super().__init__(table, cfg, train)
         self.logits = torch.tensor(
             self.table[[f"logit_{v}" for v in VERTEBRAE]].to_numpy(np.float32)
         )
@@ -417,12 +389,6 @@ class StudyLogits(Dataset):
         """The head's eight logits as probabilities (float64), named like the targets."""
         probs = 1 / (1 + np.exp(-out["logits"].astype(np.float64)))
         return dict(zip(TARGETS, probs.T, strict=True))
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def set_epoch(self, epoch: int) -> None:
-        """No augmentation: nothing depends on the epoch."""
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = {"logits": self.logits[index], "missing": self.missing[index]}

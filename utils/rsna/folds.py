@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from utils import folds
+from utils.errors import InputError
 from utils.paths import data_dir
 from utils.registry import FoldInputs
 from utils.rsna import layout
@@ -27,19 +28,19 @@ MAX_COUNT_STRATUM = 3
 def _validate_train(train: pd.DataFrame, n_folds: int) -> None:
     missing = [c for c in (UID, *TARGETS) if c not in train.columns]
     if missing:
-        raise ValueError(f"train table: missing columns {missing} (has {list(train.columns)})")
+        raise InputError(f"train table: missing columns {missing} (has {list(train.columns)})")
     dup = train.loc[train[UID].duplicated(), UID].unique()
     if len(dup):
-        raise ValueError(
+        raise InputError(
             f"train table: {len(dup)} duplicated {UID} values (e.g. {', '.join(map(str, dup[:3]))})"
         )
     labels = train[TARGETS].to_numpy()
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"train table: label columns {TARGETS} must hold only 0/1")
+        raise InputError(f"train table: label columns {TARGETS} must hold only 0/1")
     if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+        raise InputError(f"n_folds must be >= 2, got {n_folds}")
     if n_folds > len(train):
-        raise ValueError(f"n_folds={n_folds} exceeds the number of studies ({len(train)})")
+        raise InputError(f"n_folds={n_folds} exceeds the number of studies ({len(train)})")
 
 
 def _stratum_keys(train: pd.DataFrame) -> np.ndarray:
@@ -103,7 +104,7 @@ def fold_inputs(cfg) -> FoldInputs:
     """train.csv of ``cfg.data_dir``, checked, with its label strata (the pipeline's fold spec)."""
     path = layout.labels_csv(data_dir(cfg))
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: data_dir must be the competition folder")
+        raise InputError(f"{path} not found: data_dir must be the competition folder")
     train = pd.read_csv(path, dtype={UID: str})
     _validate_train(train, int(cfg["n_folds"]))
     return FoldInputs(

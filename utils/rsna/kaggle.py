@@ -20,7 +20,6 @@ priors: the notebook never ends without a submission.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -28,11 +27,13 @@ from pathlib import Path
 import pandas as pd
 
 import inference
-from utils import paths
+from utils import cli
 from utils.config import load_config
-from utils.rsna.chain import read_test_rows, write_submission
+from utils.errors import InputError
+from utils.rsna import layout
 from utils.rsna.datasets import train_priors
 from utils.rsna.metric import TARGETS, UID
+from utils.rsna.submit import read_test_rows, write_submission
 
 log = logging.getLogger("kaggle")
 SLUG = "rsna-2022-cervical-spine-fracture-detection"
@@ -51,9 +52,9 @@ def find_competition(root: Path, slug: str = SLUG, override: Path | None = None)
     """
     if override is not None:
         if not (Path(override) / "test.csv").is_file():
-            raise SystemExit(f"error: --data-dir {override} has no test.csv")
+            raise InputError(f"--data-dir {override} has no test.csv")
         return Path(override)
-    base = paths.kaggle_input(root)
+    base = layout.kaggle_input(root)
     found = sorted(
         {
             hit.parent
@@ -64,11 +65,11 @@ def find_competition(root: Path, slug: str = SLUG, override: Path | None = None)
     )
     if len(found) == 1:
         return found[0]
-    named = [p for p in reversed(paths.kaggle_competition_candidates(root, slug)) if p in found]
+    named = [p for p in reversed(layout.kaggle_competition_candidates(root, slug)) if p in found]
     if named:
         return named[0]
-    raise SystemExit(
-        f"error: {'no' if not found else 'several'} competition folders (with {' or '.join(MARKERS)}) "
+    raise InputError(
+        f"{'no' if not found else 'several'} competition folders (with {' or '.join(MARKERS)}) "
         f"under {base}: {[str(p) for p in found]}; pass --data-dir"
     )
 
@@ -94,33 +95,35 @@ def write_priors_only(cfg, data: Path, out: Path) -> pd.DataFrame:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__, cfg=None)
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="competition folder (default: found)"
     )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    manifest_path = paths.bundle_manifest(CODE_ROOT)
+    with cli.running():
+        submit_from_bundle(args.data_dir, args.overrides)
+
+
+def submit_from_bundle(data_dir: Path | None, extra: list[str]) -> None:
+    """The notebook's work: find the inputs, link the bundled runs, write the submission."""
+    manifest_path = layout.bundle_manifest(CODE_ROOT)
     if not manifest_path.is_file():
-        raise SystemExit(
-            f"error: {manifest_path} not found: run this from a `make kaggle-bundle` code folder"
+        raise InputError(
+            f"{manifest_path} not found: run this from a `make kaggle-bundle` code folder"
         )
     manifest = json.loads(manifest_path.read_text())
-    root = paths.kaggle_root()
-    data = find_competition(root, SLUG, args.data_dir)
-    output = paths.kaggle_working(root) / "output"
+    root = layout.kaggle_root()
+    data = find_competition(root, SLUG, data_dir)
+    output = layout.kaggle_working(root) / "output"
     link_runs(CODE_ROOT / manifest["runs"], output)
-    out = paths.kaggle_submission(root)
+    out = layout.kaggle_submission(root)
     overrides = [
         f"profile={manifest['profile']}",
         f"data_dir={data}",
         f"output_dir={output}",
         "submit.keep_cache=false",  # the hidden test's cache would not fit in working/
-        *args.overrides,
+        *extra,
     ]
     log.info("input root %s, competition folder %s, submission %s", root, data, out)
     config = str(CODE_ROOT / manifest["config"])
@@ -130,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("error: the test-time chain failed (%s): every row gets the train prior", err)
         write_priors_only(load_config(config, overrides), data, out)
     log.info("submission: %s (%d rows)", out, len(pd.read_csv(out)))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

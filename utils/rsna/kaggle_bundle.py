@@ -22,7 +22,6 @@ Dataset and kernel ids come from ``kaggle/kernel-metadata.json`` (owner replaced
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import json
 import logging
@@ -34,9 +33,10 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from utils import paths
+from utils import cli, paths
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
+from utils.errors import InputError
 from utils.io import write_text
 from utils.predict import trained_folds
 from utils.rsna import layout
@@ -115,7 +115,7 @@ def owner_metadata(owner: str | None) -> dict:
     meta = json.loads(text)
     expected = sorted(f"{owner}/{slug}" for slug in (CODE_SLUG, WHEELS_SLUG))
     if sorted(meta["dataset_sources"]) != expected:
-        raise SystemExit(f"error: kernel-metadata.json dataset_sources must be {expected}")
+        raise InputError(f"kernel-metadata.json dataset_sources must be {expected}")
     return meta
 
 
@@ -146,7 +146,7 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
     for exp in (e for e in cfg.stages.values() if e):
         folds = trained_folds(cfg, exp)
         if not folds:
-            raise SystemExit(f"error: no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)}")
+            raise InputError(f"no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)}")
         for fold in folds:
             src = paths.run_dir(cfg, fold, exp)
             dst = code / runs / cfg.pipeline / exp / src.name
@@ -161,7 +161,7 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     manifest = {"config": CONFIG, "profile": cfg.profile, "runs": str(runs), "commit": commit}
-    write_text(json.dumps(manifest, indent=2) + "\n", paths.bundle_manifest(code))
+    write_text(json.dumps(manifest, indent=2) + "\n", layout.bundle_manifest(code))
     dataset_metadata(code, owner, CODE_SLUG, "RSNA 2022 fracture detection: code and checkpoints")
     return code
 
@@ -190,25 +190,22 @@ def build_kernel(out: Path, meta: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.parser(__doc__, cfg=None)
     parser.add_argument("part", choices=["code", "wheels", "kernel", "all"])
     parser.add_argument("--out", type=Path, default=Path("output/kaggle"))
     parser.add_argument("--python", default="3.11", help="Kaggle image's Python (major.minor)")
     parser.add_argument("--owner", default=None, help="Kaggle user (default: kernel-metadata's)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (runs)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    meta = owner_metadata(args.owner)
-    owner = meta["id"].split("/")[0]
-    built = []
-    if args.part in ("code", "all"):
-        built.append(build_code(args.out, owner, args.overrides))
-    if args.part in ("wheels", "all"):
-        built.append(build_wheels(args.out, owner, args.python))
-    if args.part in ("kernel", "all"):
-        built.append(build_kernel(args.out, meta))
+    with cli.running():
+        meta = owner_metadata(args.owner)
+        owner = meta["id"].split("/")[0]
+        built = []
+        if args.part in ("code", "all"):
+            built.append(build_code(args.out, owner, args.overrides))
+        if args.part in ("wheels", "all"):
+            built.append(build_wheels(args.out, owner, args.python))
+        if args.part in ("kernel", "all"):
+            built.append(build_kernel(args.out, meta))
     for folder in built:
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         print(f"{folder}: {size / 2**20:.1f} MiB")

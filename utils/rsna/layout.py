@@ -17,7 +17,10 @@ studies in its own test folder (utils/paths.test_dir).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from utils import paths
 from utils.paths import Cfg
@@ -92,3 +95,55 @@ def calibration_json(cfg: Cfg) -> Path:
 def plausibility_json(cfg: Cfg) -> Path:
     """Per-vertebra reference of the OOF localisation (utils/rsna/postprocess.reference)."""
     return paths.pipeline_dir(cfg) / "plausibility.json"
+
+
+# ---- products of the report and the test-time chain, and the Kaggle notebook's paths ----------
+def kaggle_root() -> Path:
+    """The Kaggle root: ``/kaggle`` unless the environment variable ``KAGGLE_ROOT`` names another."""
+    return Path(os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
+
+
+def kaggle_input(root: Path) -> Path:
+    """Read-only inputs: competitions and attached datasets."""
+    return Path(root) / "input"
+
+
+def kaggle_working(root: Path) -> Path:
+    """The writable output folder of a Kaggle notebook."""
+    return Path(root) / "working"
+
+
+def kaggle_submission(root: Path) -> Path:
+    """The file a code competition scores."""
+    return kaggle_working(root) / "submission.csv"
+
+
+def kaggle_competition_candidates(root: Path, slug: str) -> list[Path]:
+    """Where Kaggle mounts competition ``slug``: ``input/<slug>`` (2022) or ``input/competitions/<slug>``."""
+    return [kaggle_input(root) / slug, kaggle_input(root) / "competitions" / slug]
+
+
+def bundle_manifest(code: Path) -> Path:
+    """``bundle.json`` of a code bundle (``make kaggle-bundle``): its runs folder, config and profile."""
+    return Path(code) / "bundle.json"
+
+
+KAGGLE_ROOT_ENV = "KAGGLE_ROOT"  # environment variable naming another input root (tests)
+
+
+def oof_csv(cfg: Mapping[str, Any]) -> Path:
+    """Final OOF predictions per case, as scored in the CV report."""
+    return paths.pipeline_dir(cfg) / "oof_predictions.csv"
+
+
+def calibration_png(cfg: Mapping[str, Any]) -> Path:
+    return paths.pipeline_dir(cfg) / "cv_calibration.png"
+
+
+def viz_dir(cfg: Mapping[str, Any], exp: str | None = None) -> Path:
+    return paths.exp_dir(cfg, exp) / "viz"
+
+
+def submission_csv(cfg: Mapping[str, Any]) -> Path:
+    """Default submission path of a test-time run (``inference.py --out`` chooses another)."""
+    return paths.test_dir(cfg) / "submission.csv"

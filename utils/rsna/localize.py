@@ -13,15 +13,13 @@ reads the stage-1 OOF predictions (``output/rsna/<stages.vertebra>/preds_oof.csv
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import numpy as np
 import pandas as pd
 
-from utils import paths
-from utils.config import load_config
-from utils.errors import InputError, user_errors
+from utils import cli, paths
+from utils.errors import InputError
 from utils.io import write_csv
 from utils.rsna import layout
 from utils.rsna.metric import UID, VERTEBRAE
@@ -202,15 +200,9 @@ def make_stage2_labels(cfg) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="an RSNA config (its localize.* keys apply)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with user_errors():
-        cfg = load_config(args.CFG, args.overrides)
+    args = cli.parser(__doc__, cfg="config/rsna/stage2_fracture.yaml").parse_args(argv)
+    with cli.running():
+        cfg = cli.load(args)
         make_stage2_labels(cfg)
     print(f"wrote {layout.stage2_labels_csv(cfg, 'oof')}")
 

@@ -21,13 +21,15 @@ prints ``error: <message>`` to stderr and exits with code 2.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
+
+from utils import cli
+from utils.errors import InputError
+from utils.io import read_csv
 
 UID = "StudyInstanceUID"
 ROW_ID = "row_id"
@@ -52,13 +54,13 @@ def _examples(values: Sequence | np.ndarray | pd.Index, k: int = 3) -> str:
 def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{name}: missing columns {missing} (has {list(df.columns)})")
+        raise InputError(f"{name}: missing columns {missing} (has {list(df.columns)})")
 
 
 def _require_unique(ids: pd.Series, name: str) -> None:
     dup = ids[ids.duplicated()].unique()
     if len(dup):
-        raise ValueError(f"{name}: {len(dup)} duplicated {ids.name} values (e.g. {_examples(dup)})")
+        raise InputError(f"{name}: {len(dup)} duplicated {ids.name} values (e.g. {_examples(dup)})")
 
 
 def _numeric_values(
@@ -72,7 +74,7 @@ def _numeric_values(
             # Numbers stored as text parse fine but are still the wrong type: show any entry.
             bad = unparsable if unparsable.any() else df[col].notna()
             shown = [f"{i}={v!r}" for i, v in zip(ids[bad], df.loc[bad, col], strict=True)]
-            raise ValueError(
+            raise InputError(
                 f"{name}: column {col!r} is not numeric (dtype {df[col].dtype}; "
                 f"e.g. {_examples(shown)})"
             )
@@ -96,11 +98,11 @@ def _check_probabilities(
     nan = np.isnan(values)
     if nan.any():
         cells = _cell_names(ids, columns, nan)
-        raise ValueError(f"{name}: {len(cells)} NaN predictions (e.g. {_examples(cells)})")
+        raise InputError(f"{name}: {len(cells)} NaN predictions (e.g. {_examples(cells)})")
     outside = (values < 0) | (values > 1)
     if outside.any():
         cells = _cell_names(ids, columns, outside)
-        raise ValueError(
+        raise InputError(
             f"{name}: {len(cells)} predictions outside [0, 1] (e.g. {_examples(cells)})"
         )
     return values
@@ -114,7 +116,7 @@ def _check_labels(
     bad = ~np.isin(values, (0.0, 1.0))
     if bad.any():
         cells = _cell_names(ids, columns, bad)
-        raise ValueError(f"{name}: {len(cells)} labels are not 0/1 (e.g. {_examples(cells)})")
+        raise InputError(f"{name}: {len(cells)} labels are not 0/1 (e.g. {_examples(cells)})")
     return values
 
 
@@ -137,12 +139,12 @@ def _aligned(pred: pd.DataFrame, truth: pd.DataFrame) -> tuple[np.ndarray, np.nd
         _require_columns(df, [UID, *TARGETS], name)
         _require_unique(df[UID], name)
     if truth.empty:
-        raise ValueError("truth: no studies to score")
+        raise InputError("truth: no studies to score")
     diff = _set_difference_message(
         pd.Index(pred[UID]), pd.Index(truth[UID]), "studies", "pred", "truth"
     )
     if diff:
-        raise ValueError(f"pred and truth study sets differ: {diff}")
+        raise InputError(f"pred and truth study sets differ: {diff}")
     pred = pred.set_index(UID).loc[truth[UID]].reset_index()
     p = _check_probabilities(pred, pred[UID], TARGETS, "pred")
     y = _check_labels(truth, truth[UID], TARGETS, "truth")
@@ -208,7 +210,7 @@ def constant_prior_baseline(
     _require_columns(truth_eval, [UID, *TARGETS], "truth_eval")
     labels = _check_labels(truth_train, truth_train[UID], TARGETS, "truth_train")
     if not len(labels):
-        raise ValueError("truth_train: no studies to take prevalences from")
+        raise InputError("truth_train: no studies to take prevalences from")
     prior = labels.mean(axis=0)
     pred = pd.DataFrame(np.broadcast_to(prior, (len(truth_eval), len(TARGETS))), columns=TARGETS)
     pred.insert(0, UID, truth_eval[UID].to_numpy())
@@ -222,7 +224,7 @@ def noisy_or(probs_c1_c7: np.ndarray) -> np.ndarray:
     """
     p = np.asarray(probs_c1_c7, dtype=np.float64)
     if p.ndim == 0 or p.shape[-1] != len(VERTEBRAE):
-        raise ValueError(f"noisy_or expects (..., 7) vertebra probabilities, got shape {p.shape}")
+        raise InputError(f"noisy_or expects (..., 7) vertebra probabilities, got shape {p.shape}")
     # Through log1p/expm1 so that many small probabilities do not lose precision; log1p(-1) = -inf
     # is exact here (a certain fracture gives exactly 1).
     with np.errstate(divide="ignore"):
@@ -242,14 +244,14 @@ def long_to_wide(df: pd.DataFrame) -> pd.DataFrame:
     uid, target = parts[0], parts[1]
     unknown = ~target.isin(TARGETS)
     if unknown.any():
-        raise ValueError(
+        raise InputError(
             f"long frame: {int(unknown.sum())} row_ids do not end in _<target> with a target in "
             f"{TARGETS} (e.g. {_examples(df.loc[unknown, ROW_ID])})"
         )
     counts = uid.value_counts()
     incomplete = counts.index[counts < len(TARGETS)]
     if len(incomplete):
-        raise ValueError(
+        raise InputError(
             f"long frame: {len(incomplete)} studies lack rows for some targets "
             f"(e.g. {_examples(incomplete)})"
         )
@@ -298,7 +300,7 @@ def validate_submission(sub: pd.DataFrame, answers: pd.DataFrame) -> None:
     )
     if diff:
         counts = f"{len(sub)} vs {len(answers)} rows"
-        raise ValueError(f"submission row_ids differ from the answers ({counts}): {diff}")
+        raise InputError(f"submission row_ids differ from the answers ({counts}): {diff}")
     _check_probabilities(sub, sub[ROW_ID], [VALUE], "submission")
 
 
@@ -312,42 +314,38 @@ def score_submission(
 
 def read_answers(path: str) -> pd.DataFrame:
     """Answers CSV as ``row_id,fractured``: either that layout or a train.csv-schema table."""
-    header = pd.read_csv(path, nrows=0).columns
+    header = read_csv(path, nrows=0).columns
     if {UID, *TARGETS} <= set(header):
-        return truth_to_long(pd.read_csv(path, dtype={UID: str}))
+        return truth_to_long(read_csv(path, dtype={UID: str}))
     if {ROW_ID, VALUE} <= set(header):
-        return pd.read_csv(path, dtype={ROW_ID: str})
-    raise ValueError(
+        return read_csv(path, dtype={ROW_ID: str})
+    raise InputError(
         f"{path}: answers need columns row_id,fractured or {UID},{','.join(TARGETS)} "
         f"(has {list(header)})"
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser(__doc__, cfg=None, overrides=False)
     parser.add_argument("submission", help="submission CSV: row_id,fractured")
     parser.add_argument("answers", help="answers CSV: row_id,fractured or train.csv schema")
     parser.add_argument(
         "--global", dest="use_global", action="store_true", help="last line = the global score"
     )
     args = parser.parse_args(argv)
-    try:
-        sub = pd.read_csv(args.submission, dtype={ROW_ID: str})
+    with cli.running():
+        sub = read_csv(args.submission, dtype={ROW_ID: str})
         answers = read_answers(args.answers)
         validate_submission(sub, answers)
         pred, truth = long_to_wide(sub[[ROW_ID, VALUE]]), long_to_wide(answers)
         scores = {"per_study": score(pred, truth), "global": score(pred, truth, per_study=False)}
         losses = per_target_logloss(pred, truth)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     for name, value in scores.items():
         print(f"{name} {value:.6f}")
     for target, value in losses.items():
         print(f"logloss {target} {value:.6f}")
     print(f"{scores['global' if args.use_global else 'per_study']:.6f}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,8 +13,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from utils.io import atomic_path
-
 C1, C7 = 1, 7
 
 
@@ -29,7 +27,7 @@ def load_rsna_seg(path: str | Path, n_slices: int | None = None, study: str = ""
     raw = np.asanyarray(nib.load(path).dataobj)  # stored values; get_fdata() would give float64
     if raw.ndim != 3:
         raise ValueError(f"{name}: segmentation must be 3-D, got shape {raw.shape}")
-    labels = _as_labels(raw, name)
+    labels = as_labels(raw, name)
     vol = np.ascontiguousarray(labels[:, ::-1, ::-1].transpose(2, 1, 0))
     if n_slices is not None and vol.shape[0] != n_slices:
         raise ValueError(f"{name}: segmentation has {vol.shape[0]} slices, the study {n_slices}")
@@ -37,7 +35,7 @@ def load_rsna_seg(path: str | Path, n_slices: int | None = None, study: str = ""
     return vol
 
 
-def _as_labels(raw: np.ndarray, name: str) -> np.ndarray:
+def as_labels(raw: np.ndarray, name: str) -> np.ndarray:
     """Any-dtype (x, y, z) array of integer-valued labels -> uint8 (rounded when float)."""
     if raw.dtype.kind == "f":
         if not np.isfinite(raw).all():
@@ -72,35 +70,3 @@ def to_file_order(vol: np.ndarray, reversed: bool) -> np.ndarray:
     ``to_file_order(vol, s.reversed)[i]`` pairs with ``np.sort(s.file_numbers)[i]`` (a view).
     """
     return vol[::-1] if reversed else vol
-
-
-def save_rsna_seg(
-    path: str | Path,
-    labels: np.ndarray,
-    pixel_spacing: tuple[float, float] = (1.0, 1.0),
-    z_spacing: float = 1.0,
-) -> None:
-    """Write (Z head -> feet, H, W) uint8 labels as an RSNA-style uncompressed ``.nii``, atomically.
-
-    Inverse of ``load_rsna_seg``: the stored array is ``labels.transpose(2, 1, 0)[:, ::-1, ::-1]``
-    (x = col, y = row flipped, z = feet -> head). ``pixel_spacing``: (row, col) mm; ``z_spacing``:
-    mm. Affine: diag(-col, row, z) mm in RAS+ with qform/sform code 1, i.e. LAS axes, which is
-    what that array layout means for an axial DICOM stack with identity orientation.
-    """
-    path = Path(path)
-    if path.suffix != ".nii":
-        raise ValueError(f"{path}: segmentations are written as uncompressed .nii")
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"{path}: labels must be (Z, H, W), got shape {labels.shape}")
-    if labels.dtype != np.uint8:
-        labels = _as_labels(labels, str(path))
-    arr = np.ascontiguousarray(labels.transpose(2, 1, 0)[:, ::-1, ::-1])
-    affine = np.diag([-float(pixel_spacing[1]), float(pixel_spacing[0]), float(z_spacing), 1.0])
-    image = nib.Nifti1Image(arr, affine)
-    image.header.set_data_dtype(np.uint8)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(image.to_bytes())

@@ -2,9 +2,9 @@
 
 Usage (the pipeline's entry in utils/preprocess_data.py)::
 
-    python -m utils.preprocess_data --pipeline rsna --data-dir data/rsna [--out-dir DIR] [--workers 2] [key=value ...]
+    python -m utils.preprocess_data --pipeline rsna --data-dir data/rsna [--workers 2] [key=value ...]
 
-Products (one explicit file each; see utils/rsna/layout.py), in ``<output_dir>/rsna/prep/`` by default:
+Products (one explicit file each; see utils/rsna/layout.py), in ``<output_dir>/rsna/prep/``:
 
 - ``studies.csv``: one row per study (train and test): geometry, spacings, transfer syntaxes,
   reversed flag, skipped / duplicate slices, whether a segmentation exists.
@@ -21,7 +21,6 @@ overrides apply to config/rsna/base.yaml (e.g. ``cache.size=256 profile=demo``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing as mp
@@ -36,8 +35,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import paths
-from utils.config import load_config, progress_off
-from utils.errors import user_errors
+from utils.config import progress_off
+from utils.errors import InputError
 from utils.io import save_npy, write_csv, write_text
 from utils.rsna import layout
 from utils.rsna.dicom import StudyReadError, load_study, window
@@ -188,9 +187,9 @@ def check_cache_settings(prep: Path, size: int, win: tuple[float, float]) -> Non
     if marker.is_file():
         old = json.loads(marker.read_text())
         if old != settings:
-            raise SystemExit(
-                f"error: {prep} holds a cache built with {old}, not {settings}; "
-                "use another --out-dir or delete it"
+            raise InputError(
+                f"{prep} holds a cache built with {old}, not {settings}; "
+                "use another output_dir or delete it"
             )
     else:
         write_text(json.dumps(settings), marker)
@@ -214,24 +213,22 @@ def list_jobs(data: Path, prep: Path, size: int, win: tuple[float, float]) -> li
 def check_inputs(data: Path) -> None:
     """Refuse a folder that is not a competition folder before anything is written."""
     if not data.is_dir():
-        raise SystemExit(f"error: data folder not found: {data}")
+        raise InputError(f"data folder not found: {data}")
     has_csv = layout.labels_csv(data).is_file()
     if layout.images_dir(data, "train").is_dir() and not has_csv:
-        raise SystemExit(
-            f"error: {layout.images_dir(data, 'train')} has no {layout.labels_csv(data).name} "
+        raise InputError(
+            f"{layout.images_dir(data, 'train')} has no {layout.labels_csv(data).name} "
             f"beside it (the study labels): copy it from the competition data"
         )
     if not has_csv and not layout.images_dir(data, "test").is_dir():
-        raise SystemExit(
-            f"error: {data} is not a competition folder (no train.csv or test_images/)"
-        )
+        raise InputError(f"{data} is not a competition folder (no train.csv or test_images/)")
     if not any(
         p.is_dir()
         for split in ("train", "test")
         if layout.images_dir(data, split).is_dir()
         for p in layout.images_dir(data, split).iterdir()
     ):
-        raise SystemExit(f"error: {data}: no study folders in train_images/ or test_images/")
+        raise InputError(f"{data}: no study folders in train_images/ or test_images/")
 
 
 def collect(prep: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -239,7 +236,7 @@ def collect(prep: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     parts = prep / "parts"
     rows = [json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))]
     if not rows:
-        raise SystemExit("error: no study could be read (each one is named in the log above)")
+        raise InputError("no study could be read (each one is named in the log above)")
     studies = pd.DataFrame(rows).sort_values(["split", "StudyInstanceUID"], ignore_index=True)
     label_files = sorted(parts.glob("*.labels.csv"))
     labels = (
@@ -295,32 +292,10 @@ class _Serial:
         return map(fn, items)
 
 
-CONFIG = Path(__file__).resolve().parents[2] / "config" / "rsna" / "base.yaml"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=None, help="competition folder")
-    parser.add_argument(
-        "--out-dir", type=Path, default=None, help="default: <output_dir>/rsna/prep"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="parallel studies (processes)")
-    parser.add_argument(
-        "overrides", nargs="*", help="config/rsna/base.yaml overrides, e.g. cache.size=256"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    with user_errors():
-        cfg = load_config(CONFIG, overrides)
-    prep = args.out_dir or paths.prep_dir(cfg)
-    preprocess(paths.data_dir(cfg), prep, cfg, workers=args.workers)
-    print(
+def run(cfg: Mapping[str, Any], workers: int = 1) -> str:
+    """The pipeline's conversion (``python -m utils.preprocess_data --pipeline rsna``)."""
+    prep = paths.prep_dir(cfg)
+    preprocess(paths.data_dir(cfg), prep, cfg, workers=workers)
+    return (
         f"wrote {layout.studies_csv(prep)}, {layout.stage1_labels_csv(prep)} and {prep / 'volumes'}"
     )
-
-
-if __name__ == "__main__":
-    main()

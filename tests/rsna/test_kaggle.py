@@ -21,13 +21,13 @@ from nbclient import NotebookClient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from utils import paths
 from utils.checkpoint import load_checkpoint
-from utils.rsna import kaggle, kaggle_bundle
+from utils.errors import InputError
+from utils.rsna import kaggle, kaggle_bundle, layout
 from utils.rsna.kaggle import SLUG, find_competition
 from utils.rsna.metric import TARGETS, validate_submission
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "kaggle" / kaggle_bundle.NOTEBOOK
 
 
@@ -53,21 +53,21 @@ def test_competition_folder_is_found_under_either_mount_style(tmp_path, monkeypa
     assert find_competition(tmp_path / "b") == new
     assert find_competition(tmp_path / "b", override=renamed) == renamed
     monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path / "b"))
-    assert paths.kaggle_root() == tmp_path / "b"
-    assert paths.kaggle_submission(paths.kaggle_root()) == tmp_path / "b/working/submission.csv"
+    assert layout.kaggle_root() == tmp_path / "b"
+    assert layout.kaggle_submission(layout.kaggle_root()) == tmp_path / "b/working/submission.csv"
     monkeypatch.delenv("KAGGLE_ROOT")
-    assert paths.kaggle_root() == Path("/kaggle")
+    assert layout.kaggle_root() == Path("/kaggle")
 
 
 def test_no_or_ambiguous_competition_folder_is_a_one_line_error(tmp_path):
     (tmp_path / "input").mkdir()
-    with pytest.raises(SystemExit, match=r"^error: no competition folders .*pass --data-dir"):
+    with pytest.raises(InputError, match=r"^no competition folders .*pass --data-dir"):
         find_competition(tmp_path)
     _competition(tmp_path / "input" / "one")
     _competition(tmp_path / "input" / "two")
-    with pytest.raises(SystemExit, match=r"^error: several competition folders"):
+    with pytest.raises(InputError, match=r"^several competition folders"):
         find_competition(tmp_path)
-    with pytest.raises(SystemExit, match=r"^error: --data-dir .* has no test.csv"):
+    with pytest.raises(InputError, match=r"^--data-dir .* has no test.csv"):
         find_competition(tmp_path, override=tmp_path / "input")
 
 
@@ -125,7 +125,7 @@ def test_a_failing_chain_still_writes_every_row_with_its_prior(
     monkeypatch.setattr(kaggle, "CODE_ROOT", code)
     monkeypatch.setattr(kaggle.inference, "main", broken)
     monkeypatch.setenv("KAGGLE_ROOT", str(root))
-    assert kaggle.main([]) == 0
+    kaggle.main([])
     test = pd.read_csv(comp / "test.csv")
     sub = read_submission(root, test)
     np.testing.assert_allclose(sub.fractured, priors_of(tiny_data / "train.csv", test))
@@ -135,7 +135,7 @@ def test_a_failing_chain_still_writes_every_row_with_its_prior(
 # ---- the notebook -------------------------------------------------------------------------------
 def kaggle_tree(root: Path, bundle: Path, competition: Path, test_images: Path, train_csv: Path):
     """A Kaggle-shaped input root: the two attached datasets and the competition folder."""
-    inputs = paths.kaggle_input(root)
+    inputs = layout.kaggle_input(root)
     inputs.mkdir(parents=True)
     (inputs / kaggle_bundle.CODE_SLUG).symlink_to(bundle, target_is_directory=True)
     wheels = inputs / "datasets" / "tester" / kaggle_bundle.WHEELS_SLUG
@@ -174,7 +174,7 @@ def run_notebook(root: Path, monkeypatch, overrides: tuple[str, ...] = ()) -> st
 
 
 def read_submission(root: Path, test: pd.DataFrame) -> pd.DataFrame:
-    sub = pd.read_csv(paths.kaggle_submission(root))
+    sub = pd.read_csv(layout.kaggle_submission(root))
     validate_submission(sub, test[["row_id"]].assign(fractured=0.0))
     assert sub.row_id.tolist() == test.row_id.tolist()
     return sub
@@ -221,7 +221,7 @@ def test_notebook_on_a_full_test_csv_and_with_a_tiny_budget(
     assert not np.allclose(sub.fractured, priors)  # the studies were predicted
     assert not list((root / "working").rglob("*.npy"))  # no study cache left in working/
 
-    paths.kaggle_submission(root).unlink()
+    layout.kaggle_submission(root).unlink()
     log = run_notebook(root, monkeypatch, ("submit.budget_s=0.001",))
     sub = read_submission(root, test)
     np.testing.assert_allclose(sub.fractured, priors)

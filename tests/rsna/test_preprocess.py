@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.conftest import preprocess
 from utils.rsna import layout
-from utils.rsna.preprocess import clean_labels, main, stage1_labels
+from utils.rsna.preprocess import clean_labels, stage1_labels
 
 
 def test_stage1_labels_known_answers():
@@ -104,10 +105,9 @@ def test_preprocess_resumes_and_refuses_other_cache_settings(tiny_data, tiny_out
     caplog.set_level(logging.INFO)
     prep = tiny_output / "rsna" / "prep"
     before = layout.studies_csv(prep).read_bytes()
-    main(["--data-dir", str(tiny_data), "--out-dir", str(prep), "profile=tiny"])
+    run = ("--data-dir", str(tiny_data), f"output_dir={tiny_output}", "profile=tiny")
+    preprocess("rsna", *run)
     assert "0 studies to process" in caplog.text
     assert layout.studies_csv(prep).read_bytes() == before
     with pytest.raises(SystemExit, match="cache built with"):
-        main(
-            ["--data-dir", str(tiny_data), "--out-dir", str(prep), "profile=tiny", "cache.size=32"]
-        )
+        preprocess("rsna", *run, "cache.size=32")

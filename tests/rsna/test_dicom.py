@@ -16,7 +16,6 @@ from pydicom.pixels import apply_rescale
 
 from utils.rsna.dicom import (
     BONE_WINDOW,
-    TRANSFER_SYNTAXES,
     StudyReadError,
     _clean_stored,
     _decode_imagecodecs,
@@ -25,10 +24,10 @@ from utils.rsna.dicom import (
     multi_window,
     read_header,
     window,
-    write_slice,
 )
+from utils.rsna.synthetic.writers import TRANSFER_SYNTAXES, write_slice
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DICOMDIR_TESTS = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests"
 # (backend, threads) combinations that must give bit-identical volumes.
 READERS = [("auto", 1), ("auto", 2), ("dicomsdl", 1), ("pydicom", 1)]

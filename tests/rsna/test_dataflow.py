@@ -16,17 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_overrides
 
 import inference
 import train
+from tests.conftest import preprocess
+from tests.rsna.conftest import tiny_overrides
 from utils import paths
 from utils.config import load_config
 from utils.folds import load_folds
 from utils.predict import load_models, predict_frame, run_config
 from utils.registry import build_loss
 from utils.rsna import layout
-from utils.rsna.chain import read_test_rows, studies_to_predict, write_submission
 from utils.rsna.datasets import (
     StudyLogits,
     VertebraSequences,
@@ -35,12 +35,13 @@ from utils.rsna.datasets import (
     study_logit_table,
     train_priors,
 )
-from utils.rsna.dicom import window, write_slice
+from utils.rsna.dicom import window
 from utils.rsna.localize import main as stage2_labels_main
 from utils.rsna.metric import TARGETS, per_target_logloss, score
 from utils.rsna.postprocess import crossfit_platt, fit_platt, implausible, reference, shrink
-from utils.rsna.preprocess import main as prep_main
-from utils.rsna.synthetic import PRESETS, StudySpec, write_study
+from utils.rsna.submit import read_test_rows, studies_to_predict, write_submission
+from utils.rsna.synthetic.generator import PRESETS, StudySpec, write_study
+from utils.rsna.synthetic.writers import write_slice
 
 VERT = [f"C{i}" for i in range(1, 8)]
 TARGET_ORDER = ["patient_overall", *VERT]  # written out here, not taken from the code
@@ -206,7 +207,7 @@ def _write_ramp_study(folder, uid: str, reversed_numbers: bool, n: int = 6) -> l
 
 
 def test_reversed_studies_are_cached_head_to_feet(tmp_path):
-    data, prep = tmp_path / "data", tmp_path / "prep"
+    data, prep = tmp_path / "data", tmp_path / "out" / "rsna" / "prep"
     images = data / "train_images"
     normal, rev = "1.2.3.10", "1.2.3.11"
     hus = _write_ramp_study(images, normal, reversed_numbers=False)
@@ -219,7 +220,7 @@ def test_reversed_studies_are_cached_head_to_feet(tmp_path):
     pd.DataFrame({"StudyInstanceUID": uids, **{t: 0 for t in TARGET_ORDER}}).to_csv(
         data / "train.csv", index=False
     )
-    prep_main(["--data-dir", str(data), "--out-dir", str(prep), "profile=tiny"])
+    preprocess("rsna", "--data-dir", str(data), f"output_dir={tmp_path / 'out'}", "profile=tiny")
     vol = {u: np.load(layout.volume_path(prep, u)) for u in uids}
     studies = pd.read_csv(layout.studies_csv(prep)).set_index("StudyInstanceUID")
     assert studies.loc[uids, "reversed"].tolist() == [False, True, False, True]
@@ -485,7 +486,7 @@ def test_cv_report_head_predictions_come_from_each_studys_own_fold_model(runs):
 def test_cv_report_metric_rescored_from_its_own_oof_file(runs, tiny_data):
     cfg = runs["patient_head"]
     report = json.loads(paths.cv_report(cfg, "json").read_text())
-    oof = pd.read_csv(paths.oof_csv(cfg))
+    oof = pd.read_csv(layout.oof_csv(cfg))
     train_csv = pd.read_csv(tiny_data / "train.csv")
     truth = train_csv[train_csv.StudyInstanceUID.isin(_folds(cfg).StudyInstanceUID)]
     assert report["model"] == "stage 2 + patient head" and report["n_studies"] == len(truth)
@@ -503,7 +504,7 @@ def test_cv_report_oof_file_is_the_calibrated_and_checked_head_output(runs):
     the OOF localisation is implausible; calibration.json = the fit on every study."""
     cfg = runs["patient_head"]
     raw = pd.read_csv(paths.preds_csv(cfg), dtype={"StudyInstanceUID": str})
-    final = pd.read_csv(paths.oof_csv(cfg), dtype={"StudyInstanceUID": str})
+    final = pd.read_csv(layout.oof_csv(cfg), dtype={"StudyInstanceUID": str})
     truth = pd.read_csv(layout.labels_csv(cfg.data_dir), dtype={"StudyInstanceUID": str})
     uids = final.StudyInstanceUID.tolist()
     raw = raw.set_index("StudyInstanceUID").loc[uids, TARGETS].reset_index()

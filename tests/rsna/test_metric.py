@@ -29,7 +29,7 @@ from utils.rsna.metric import (
 )
 from utils.rsna.metric import main as metric_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LN2 = math.log(2)
 # Train label counts of the 2019 real studies (metric_and_competition.md §2.3).
 TRAIN_POSITIVES = dict(patient_overall=961, C1=146, C2=285, C3=73, C4=108, C5=162, C6=277, C7=393)
@@ -333,23 +333,23 @@ def test_cli_prints_scores_last_line_primary(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == f"{expected[False]:.6f}"
 
 
-def test_cli_bad_submission_exits_2_without_traceback(tmp_path):
+def test_cli_bad_submission_is_one_error_line_without_traceback(tmp_path):
     truth = synthetic_truth(4)
     answers_csv, sub_csv = tmp_path / "answers.csv", tmp_path / "sub.csv"
     truth_to_long(truth).to_csv(answers_csv, index=False)
     wide_to_long(constant_pred(truth, 0.5)).iloc[:-1].to_csv(sub_csv, index=False)
     result = run_cli(sub_csv, answers_csv)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.startswith("error: submission row_ids differ from the answers")
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_cli_errors_found_while_scoring_exit_2(tmp_path, capsys):
+def test_cli_errors_found_while_scoring_are_one_line(tmp_path):
     truth = synthetic_truth(4)
     sub_csv = tmp_path / "sub.csv"
     wide_to_long(constant_pred(truth, 0.5)).to_csv(sub_csv, index=False)
     # The submission itself as answers: valid ids, but 0.5 is not a 0/1 label.
-    assert metric_main([str(sub_csv), str(sub_csv)]) == 2
-    assert capsys.readouterr().err.startswith("error: truth: 32 labels are not 0/1")
-    assert metric_main([str(sub_csv), str(tmp_path / "missing.csv")]) == 2
-    assert "missing.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: truth: 32 labels are not 0/1"):
+        metric_main([str(sub_csv), str(sub_csv)])
+    with pytest.raises(SystemExit, match="^error: .*missing.csv"):
+        metric_main([str(sub_csv), str(tmp_path / "missing.csv")])

@@ -18,7 +18,7 @@ import pytest
 
 from utils.fracatlas.synthetic import generate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

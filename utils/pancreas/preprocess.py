@@ -17,7 +17,6 @@ its path and the case skipped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from utils import paths
-from utils.config import load_config
+from utils.errors import InputError
 from utils.io import atomic_path, write_csv, write_text
 from utils.pancreas import layout
 
@@ -127,33 +126,17 @@ def dataset_json(num_training: int) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=None, help="quiz data folder")
-    parser.add_argument("overrides", nargs="*", help="config/pancreas/base.yaml overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = [*args.overrides, *([f"data_dir={args.data_dir}"] if args.data_dir else [])]
-    cfg = load_config(CONFIG, overrides)
-    try:
-        table = layout.scan(paths.data_dir(cfg))
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+def run(cfg, workers: int = 1) -> str:
+    """The pipeline's conversion -> the nnU-Net raw dataset + the case-label CSV (one process)."""
+    table = layout.scan(paths.data_dir(cfg))
     raw = paths.nnunet_raw_dataset(cfg)
     table = convert(table, raw)
     labelled = table[table["split"] != layout.TEST_SPLIT]
     if labelled.empty:
-        raise SystemExit(f"error: no labelled case converted from {paths.data_dir(cfg)}")
-    write_csv(labelled[[layout.ID, "subtype", "split"]], paths.nnunet_case_labels(cfg))
+        raise InputError(f"no labelled case converted from {paths.data_dir(cfg)}")
+    write_csv(labelled[[layout.ID, "subtype", "split"]], layout.nnunet_case_labels(cfg))
     write_text(dataset_json(len(labelled)), raw / "dataset.json")
     out = write_csv(table[[layout.ID, "split", "subtype"]], cases_csv(cfg))
     counts = labelled.groupby(["split", "subtype"]).size().to_dict()
     n_test = int((table["split"] == layout.TEST_SPLIT).sum())
-    print(f"wrote {raw}: {len(labelled)} labelled cases {counts}, {n_test} test cases; {out}")
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    return f"wrote {raw}: {len(labelled)} labelled cases {counts}, {n_test} test cases; {out}"

@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import f1_score
-from test_pancreas import CFG, converted  # noqa: F401  (the fixture: tiny set converted + splits)
 
 from models.nnunet_trainers import pancreas_multitask as mt
+from tests.pancreas.conftest import CFG
 from utils import nnunet, paths
 from utils.config import load_config
-from utils.pancreas import layout, predict, report
+from utils.pancreas import layout, report, submit
 
 K = 3  # subtypes
 
@@ -45,10 +45,10 @@ def _trainer(cfg, monkeypatch, raw_root: Path) -> mt.nnUNetTrainerPancreasHead:
 def _relabelled(cfg, folder: Path, shift: dict[str, int]) -> dict[str, int]:
     """The converted case-label CSV rewritten into ``folder`` with each split's subtypes moved by
     ``shift[split]``, so every case's class disagrees with the ``quiz_<subtype>_...`` of its name."""
-    table = pd.read_csv(paths.nnunet_case_labels(cfg), dtype={"case_id": str})
+    table = pd.read_csv(layout.nnunet_case_labels(cfg), dtype={"case_id": str})
     table["subtype"] = (table["subtype"] + table["split"].map(shift)) % K
     folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / paths.nnunet_case_labels(cfg).name, index=False)
+    table.to_csv(folder / layout.nnunet_case_labels(cfg).name, index=False)
     return dict(zip(table["case_id"], table["subtype"], strict=True))
 
 
@@ -67,7 +67,7 @@ def test_trainer_classes_are_the_case_label_csv_looked_up_by_case_id(
     _, cfg = converted
     # Where nnU-Net's environment points the trainer: the conversion's CSV, = the folders.
     trainer = _trainer(cfg, monkeypatch, Path(nnunet.environment(cfg, base={})["nnUNet_raw"]))
-    assert trainer.case_labels_path() == paths.nnunet_case_labels(cfg)
+    assert trainer.case_labels_path() == layout.nnunet_case_labels(cfg)
     scanned = layout.scan(cfg["data_dir"], with_test=False)
     assert trainer._read_case_classes() == dict(
         zip(scanned[layout.ID], scanned["subtype"], strict=True)
@@ -97,7 +97,7 @@ def test_class_weights_are_counted_on_the_training_split_only(
     trainer.logger = SimpleNamespace(local_logger=SimpleNamespace(my_fantastic_logging={}))
     trainer.initialize()
 
-    classes = pd.read_csv(paths.nnunet_case_labels(cfg), dtype={"case_id": str})
+    classes = pd.read_csv(layout.nnunet_case_labels(cfg), dtype={"case_id": str})
     classes = classes.set_index("case_id")["subtype"]
     expected = _balanced(classes[split["train"]].tolist())
     assert trainer.cls_loss.weight.tolist() == pytest.approx(expected)
@@ -128,9 +128,9 @@ def _case_logits(code: int) -> list[torch.Tensor]:
     return [base, base + torch.tensor([[0.4, -0.2, 0.1]])]
 
 
-def _stand_in_predictor() -> predict.MultitaskPredictor:
+def _stand_in_predictor() -> submit.MultitaskPredictor:
     """The real MultitaskPredictor (hook, averaging, writing) around a stand-in network."""
-    predictor = object.__new__(predict.MultitaskPredictor)
+    predictor = object.__new__(submit.MultitaskPredictor)
     predictor._logits = []
     predictor.configuration_manager = SimpleNamespace(preprocessor_class=_Pre)
     predictor.plans_manager = SimpleNamespace(image_reader_writer_class=_Writer)
@@ -158,18 +158,18 @@ def test_predictor_rows_hold_their_own_cases_subtype_and_mask(tmp_path, monkeypa
         vol = np.zeros((6, 5, 4), np.int16)
         vol[1:4, 1 + code : 3 + code] = code + 1  # where and how bright: the case's own code
         nib.save(nib.Nifti1Image(vol, np.eye(4)), images / layout.image_name(case))
-    monkeypatch.setattr(predict, "load_predictor", lambda cfg, trainer: _stand_in_predictor())
+    monkeypatch.setattr(submit, "load_predictor", lambda cfg, trainer: _stand_in_predictor())
     monkeypatch.setattr(
-        predict,
+        submit,
         "convert_predicted_logits_to_segmentation_with_correct_shape",
         lambda logits, *args: logits.argmax(0).numpy(),
     )
     out = tmp_path / "out"
     out.mkdir()
-    predict.predict_images(load_config(CFG), "any", predict.input_images(images), out)
+    submit.predict_images(load_config(CFG), "any", submit.input_images(images), out)
 
-    results = pd.read_csv(out / predict.RESULTS_CSV)
-    cases = pd.read_csv(out / predict.CASES_CSV).set_index("Names")
+    results = pd.read_csv(out / submit.RESULTS_CSV)
+    cases = pd.read_csv(out / submit.CASES_CSV).set_index("Names")
     assert sorted(results["Names"]) == sorted(layout.mask_name(c) for c in codes)
     for case, code in codes.items():
         name = layout.mask_name(case)
@@ -191,7 +191,7 @@ def _fake_predict_images(cfg, trainer: str, images, out_dir: Path) -> pd.DataFra
     raw = paths.nnunet_raw_dataset(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     shift = cfg["report"]["trainers"].index(trainer)
-    truths = pd.read_csv(paths.nnunet_case_labels(cfg), dtype={"case_id": str})
+    truths = pd.read_csv(layout.nnunet_case_labels(cfg), dtype={"case_id": str})
     truths = dict(zip(truths["case_id"], truths["subtype"], strict=True))
     rows = []
     for i, image in enumerate(images):
@@ -206,7 +206,7 @@ def _fake_predict_images(cfg, trainer: str, images, out_dir: Path) -> pd.DataFra
         subtype = truth if (i + shift) % 2 else (truth + 1 + shift) % K  # right half the time
         rows.append({"Names": name, "Subtype": subtype, "seconds": 0.1 * (i + 1)})
     table = pd.DataFrame(rows)
-    table[["Names", "Subtype"]].to_csv(out_dir / predict.RESULTS_CSV, index=False)
+    table[["Names", "Subtype"]].to_csv(out_dir / submit.RESULTS_CSV, index=False)
     return table
 
 
@@ -217,8 +217,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def _rescore(cfg, trainer: str, classes: dict[str, int]) -> dict:
     """DSC and macro-F1 of one trainer from its prediction folder, written out here."""
-    folder = paths.predictions_dir(cfg, f"validation_{trainer}")
-    results = pd.read_csv(folder / predict.RESULTS_CSV)
+    folder = layout.predictions_dir(cfg, f"validation_{trainer}")
+    results = pd.read_csv(folder / submit.RESULTS_CSV)
     labels = paths.nnunet_raw_dataset(cfg) / "labelsTr"
     dsc = []
     for name in results["Names"]:
@@ -241,9 +241,9 @@ def test_report_numbers_rescored_from_the_written_masks_and_results(
     overrides = [*overrides, f"output_dir={out}"]
     cfg = load_config(CFG, overrides)
     # CSV != file names; the majority class of train/ is not that of validation/.
-    classes = _relabelled(cfg, paths.nnunet_case_labels(cfg).parent, {"train": 1, "validation": 2})
+    classes = _relabelled(cfg, layout.nnunet_case_labels(cfg).parent, {"train": 1, "validation": 2})
     monkeypatch.setattr(report, "predict_images", _fake_predict_images)
-    assert report.main(["--CFG", str(CFG), *overrides]) == 0
+    report.main(["--CFG", str(CFG), *overrides])
     written = json.loads(paths.cv_report(cfg, "json").read_text())
 
     train, val = (json.loads(paths.nnunet_splits(cfg).read_text())[0][k] for k in ("train", "val"))

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_overrides
 
 import inference
 import train
+from tests.rsna.conftest import tiny_overrides
 from utils import paths
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.rsna import chain, layout
+from utils.rsna import layout, submit
 from utils.rsna.metric import validate_submission
 
 
@@ -55,7 +55,7 @@ def test_stage1_run_folder_and_oof(tiny_stage1, tiny_output):
         merged["n"] == studies.set_index("StudyInstanceUID").loc[merged.index, "n_slices"]
     ).all()
     assert preds[["x0", "C1", "C7"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert list(paths.viz_dir(tiny_stage1).glob("*.png"))
+    assert list(layout.viz_dir(tiny_stage1).glob("*.png"))
 
 
 def test_stage2_and_cv_report(tiny_head, tiny_output):
@@ -85,14 +85,14 @@ def test_submission_with_a_study_without_detections(
 ):
     rows = pd.read_csv(tiny_data / "test.csv")
     blind = rows.StudyInstanceUID.iloc[0]
-    original = chain.predict_stage1
+    original = submit.predict_stage1
 
     def no_vertebra_in_blind_study(*args, **kwargs):
         preds = original(*args, **kwargs)
         preds.loc[preds.StudyInstanceUID == blind, [f"C{i}" for i in range(1, 8)]] = 0.0
         return preds
 
-    monkeypatch.setattr(chain, "predict_stage1", no_vertebra_in_blind_study)
+    monkeypatch.setattr(submit, "predict_stage1", no_vertebra_in_blind_study)
     out = tiny_output / "rsna" / "submission.csv"
     inference.main(
         [

@@ -43,8 +43,6 @@ folder and moved onto ``--out`` only when complete; a non-empty ``--out`` needs 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -57,10 +55,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from utils import cli
+from utils.errors import InputError
 from utils.io import write_csv
-from utils.rsna.dicom import write_slice
 from utils.rsna.metric import VERTEBRAE
-from utils.rsna.nifti import save_rsna_seg
+from utils.rsna.synthetic.writers import save_rsna_seg, write_slice
 
 log = logging.getLogger(__name__)
 
@@ -897,7 +896,7 @@ def generate(
     """Write a synthetic dataset of ``preset`` into ``out``; returns a summary.
 
     ``workers`` > 1 renders studies in that many processes (the output does not depend on it).
-    Raises ``FileExistsError`` when ``out`` is a non-empty folder and ``overwrite`` is false.
+    Raises ``InputError`` when ``out`` is a non-empty folder and ``overwrite`` is false.
     Summary keys: preset, seed, train_studies, test_studies, train_positives, test_positives,
     segmented, box_studies, box_rows, slices, reversed, start_at_2, non_square, syntaxes
     (syntax -> studies), signed, seconds.
@@ -906,9 +905,9 @@ def generate(
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
+        raise InputError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: folder not empty; pass --overwrite to replace it")
+        raise InputError(f"{out}: folder not empty; pass --overwrite to replace it")
     start = time.perf_counter()
     config = PRESETS[preset]
     specs = plan_dataset(config, seed)
@@ -966,22 +965,7 @@ def _summary(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="dataset folder to create")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering studies")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        summary = generate(args.out, args.preset, args.seed, args.workers, args.overwrite)
-    except FileExistsError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(json.dumps(summary))
-    return summary
+    return cli.generator(__doc__, generate, PRESETS, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import inference
-import train
+from tests.conftest import preprocess
 from utils.config import load_config
 from utils.fold_split import main as folds_main
 from utils.hipmri import layout
@@ -24,12 +24,11 @@ from utils.hipmri.datasets import MaskWriter
 from utils.hipmri.losses import CeDice
 from utils.hipmri.metric import dice_counts, dice_from_counts, dice_per_class, dice_summary
 from utils.hipmri.preprocess import build_table
-from utils.hipmri.preprocess import main as prep_main
 from utils.hipmri.slices import fit, read_image, read_mask, unfit
 from utils.hipmri.synthetic import generate
 from utils.registry import build_dataset, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "config" / "hipmri" / "unet.yaml"
 AFFINE = np.array([[-0.9, 0, 0, 115.0], [0, -1.1, 0, 70.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 
@@ -126,7 +125,7 @@ def test_float_masks_round_to_the_right_class(tmp_path):
 
 def test_missing_split_folder_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="keras_slices_train"):
-        prep_main(["--data-dir", str(tmp_path), f"output_dir={tmp_path / 'out'}"])
+        preprocess("hipmri", "--data-dir", str(tmp_path), f"output_dir={tmp_path / 'out'}")
 
 
 # ---- Dice and loss ------------------------------------------------------------------------------
@@ -163,19 +162,6 @@ def test_ce_dice_loss_prefers_the_truth():
 
 
 # ---- synthetic data + training + inference ------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny synthetic set, converted, given-split folds, one trained epoch: (data, overrides)."""
-    root = tmp_path_factory.mktemp("hipmri")
-    data = root / "data"
-    generate(data, preset="tiny", seed=0)
-    ov = ["profile=tiny", f"data_dir={data}", f"output_dir={root / 'output'}"]
-    prep_main(ov)
-    assert folds_main(["--CFG", str(ROOT / "config" / "hipmri" / "base.yaml"), *ov]) == 0
-    train.main(["--CFG", str(STAGE), "--fold", "0", *ov])
-    return data, root / "output", ov
-
-
 def test_synthetic_layout_and_determinism(tiny, tmp_path):
     data, _, _ = tiny
     table = build_table(data)
@@ -332,7 +318,7 @@ def test_patient_grouped_folds_keep_every_patient_in_one_fold(tiny, tmp_path):
     data, _, ov = tiny
     out = tmp_path / "folds.csv"
     base = str(ROOT / "config" / "hipmri" / "base.yaml")
-    assert folds_main(["--CFG", base, "--out", str(out), *ov, "split=folds", "n_folds=3"]) == 0
+    folds_main(["--CFG", base, "--out", str(out), *ov, "split=folds", "n_folds=3"])
     folds = pd.read_csv(out, dtype=str)
     table = build_table(data).astype({layout.ID: str})
     merged = folds.merge(table, on=layout.ID, validate="1:1")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from utils.rsna.dicom import load_study, write_slice
-from utils.rsna.nifti import load_rsna_seg, save_rsna_seg, to_file_order
+from utils.rsna.dicom import load_study
+from utils.rsna.nifti import load_rsna_seg, to_file_order
+from utils.rsna.synthetic.writers import save_rsna_seg, write_slice
 
 
 def spine_labels(n_slices: int = 7, rows: int = 5, cols: int = 4) -> np.ndarray:

@@ -4,7 +4,6 @@ download (not the generator's), folds -> splits_final.json, the classifier input
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +15,10 @@ import pytest
 import torch
 
 import train
+from tests.conftest import preprocess
 from utils import paths
 from utils.config import load_config
 from utils.errors import InputError
-from utils.fold_split import main as folds_main
 from utils.fracatlas import layout
 from utils.fracatlas.datasets import FractureImages
 from utils.fracatlas.folds import read_cases
@@ -31,13 +30,12 @@ from utils.fracatlas.images import (
     resize_pair,
 )
 from utils.fracatlas.metric import classification_metrics, seg_metrics
-from utils.fracatlas.preprocess import main as prep_main
 from utils.fracatlas.preprocess import resolve_label
 from utils.fracatlas.segment import write_splits
-from utils.fracatlas.synthetic import generate
+from utils.preprocess_data import main as preprocess_main
 from utils.registry import build_dataset, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "config" / "fracatlas" / "base.yaml"
 
 
@@ -175,17 +173,12 @@ def _hand_made(root: Path) -> None:
 
 
 def test_conversion_of_a_hand_made_download(tmp_path, capsys):
-    data, out = tmp_path / "FracAtlas", tmp_path / "raw"
+    data, output = tmp_path / "FracAtlas", tmp_path / "output"
+    out = output / "fracatlas" / "nnunet" / "raw" / "Dataset501_FracAtlas"
     _hand_made(data)
-    cmd = [sys.executable, "-m", "utils.preprocess_data", "--pipeline", "fracatlas"]
-    cmd += [
-        "--data-dir",
-        str(data),
-        "--out-dir",
-        str(out),
-        "prep.negatives=1.0",
-        "prep.test_negatives=0",
-    ]
+    args = ["--pipeline", "fracatlas", "--data-dir", str(data), f"output_dir={output}"]
+    args += ["prep.negatives=1.0", "prep.test_negatives=0"]
+    cmd = [sys.executable, "-m", "utils.preprocess_data", *args]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stderr
@@ -225,32 +218,17 @@ def test_conversion_of_a_hand_made_download(tmp_path, capsys):
     test_mask = cv2.imread(str(out / "labelsTs" / "leg_7.png"), cv2.IMREAD_UNCHANGED)
     assert test_mask.shape == (90, 120) and test_mask[5, 60] == 1 and test_mask[50, 60] == 0
     # A rerun with the same inputs and settings is skipped.
-    prep_main(cmd[5:])
+    preprocess_main(args)
     assert "skipped" in capsys.readouterr().out
 
 
 def test_conversion_errors_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*images"):
-        prep_main(["--data-dir", str(tmp_path), f"output_dir={tmp_path / 'out'}"])
+        preprocess("fracatlas", "--data-dir", str(tmp_path), f"output_dir={tmp_path / 'out'}")
     assert not (tmp_path / "out").exists()
 
 
 # ---- generator, folds, classifier inputs --------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny synthetic set converted (resized to 96 px) with its fold file: the overrides."""
-    root = tmp_path_factory.mktemp("fracatlas")
-    generate(root / "data", "tiny", seed=0)
-    overrides = [f"data_dir={root / 'data'}", f"output_dir={root / 'out'}", "profile=tiny"]
-    logging.disable(logging.WARNING)
-    try:
-        prep_main(overrides)
-        assert folds_main(["--CFG", str(BASE), *overrides]) == 0
-    finally:
-        logging.disable(logging.NOTSET)
-    return overrides
-
-
 def test_generator_has_the_download_layout(tiny):
     cfg = load_config(BASE, tiny)
     data = paths.data_dir(cfg)
@@ -286,7 +264,7 @@ def test_guided_input_shape_and_map_alignment(tiny):
     with pytest.raises(InputError, match="segment"):  # no maps yet: names the step
         FractureImages.load_table(cfg)
     # Maps as segment.py writes them: here the image itself, so alignment is checkable.
-    maps = paths.seg_maps(cfg, "oof")
+    maps = layout.seg_maps(cfg, "oof")
     maps.mkdir(parents=True)
     raw = paths.nnunet_raw_dataset(cfg)
     for row in read_cases(cfg).itertuples():

@@ -13,7 +13,7 @@ import pytest
 
 from utils.rsna.metric import score_submission, truth_to_long
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

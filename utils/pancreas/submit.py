@@ -1,4 +1,6 @@
-"""Masks + ``subtype_results.csv`` in one pass: ``python -m utils.pancreas.predict --CFG config/pancreas/base.yaml --input DIR --out DIR``.
+"""The pancreas test hook: masks + ``subtype_results.csv`` in one pass.
+
+Usage: ``python -m utils.pancreas.submit --CFG config/pancreas/base.yaml --input DIR --out DIR``.
 
 Every ``*_0000.nii.gz`` of ``--input`` is preprocessed, predicted by the fold ensemble of one
 trainer (``--trainer``, default ``nnunet.trainer``; ``nnunet.folds``) and written as
@@ -15,14 +17,13 @@ path and skipped; its row is missing from both tables.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -31,16 +32,14 @@ from nnunetv2.inference.export_prediction import (
 )
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from utils import nnunet, paths
-from utils.config import ConfigError, load_config
+from utils import cli, nnunet, paths
+from utils.errors import InputError
 from utils.io import atomic_path, write_csv
 from utils.pancreas import layout
 
 log = logging.getLogger(__name__)
 RESULTS_CSV = "subtype_results.csv"
 CASES_CSV = "cases.csv"
-# What a missing model, folder or file raises here: reported as one `error:` line by the CLIs.
-MULTITASK_ERRORS = (FileNotFoundError, KeyError, ValueError)
 
 
 class MultitaskPredictor(nnUNetPredictor):
@@ -63,7 +62,7 @@ class MultitaskPredictor(nnUNetPredictor):
         super().initialize_from_trained_model_folder(model_dir, use_folds, checkpoint_name)
         net = getattr(self.network, "_orig_mod", self.network)
         if not hasattr(net, "last_logits"):
-            raise ValueError(
+            raise InputError(
                 f"{model_dir}: trainer {self.trainer_name} has no classifier (not a multi-task model)"
             )
         net.register_forward_hook(self._collect)
@@ -106,9 +105,7 @@ def load_predictor(cfg, trainer: str) -> MultitaskPredictor:
     folds = nnunet.folds(cfg)
     missing = [f for f in folds if not (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{model_dir}: no checkpoint_final.pth for folds {missing}; train first"
-        )
+        raise InputError(f"{model_dir}: no checkpoint_final.pth for folds {missing}; train first")
     predictor.initialize_from_trained_model_folder(str(model_dir), tuple(folds))
     return predictor
 
@@ -122,11 +119,11 @@ def predict_images(cfg, trainer: str, images: Sequence[Path], out_dir: Path) -> 
         name = layout.mask_name(
             layout.case_of_image(image) or image.name[: -len(layout.IMAGE_SUFFIX)]
         )
-        try:
-            probs, seconds = predictor.predict_case(image, out_dir / name)
-        except (OSError, RuntimeError, ValueError) as err:
-            log.warning("skipping %s: %s", image, err)
+        problem = unreadable(image)
+        if problem:
+            log.warning("skipping %s: unreadable image (%s)", image, problem)
             continue
+        probs, seconds = predictor.predict_case(image, out_dir / name)
         rows.append(
             {
                 "Names": name,
@@ -144,41 +141,40 @@ def predict_images(cfg, trainer: str, images: Sequence[Path], out_dir: Path) -> 
     return table
 
 
+def unreadable(image: Path) -> str | None:
+    """Why nibabel cannot read ``image``'s voxels (a truncated or foreign file), None if it can."""
+    try:
+        np.asarray(nib.load(image).dataobj)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def input_images(folder: Path) -> list[Path]:
-    """Every ``*_0000.nii.gz`` of ``folder`` (sorted); FileNotFoundError when there is none."""
+    """Every ``*_0000.nii.gz`` of ``folder`` (sorted); InputError when there is none."""
     images = sorted(p for p in Path(folder).glob("*" + layout.IMAGE_SUFFIX) if p.is_file())
     if not images:
-        raise FileNotFoundError(f"{folder}: no *{layout.IMAGE_SUFFIX} images to predict")
+        raise InputError(f"{folder}: no *{layout.IMAGE_SUFFIX} images to predict")
     return images
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--CFG", required=True, help="config/pancreas/base.yaml")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser(__doc__, cfg="config/pancreas/base.yaml")
     parser.add_argument("--input", type=Path, required=True, help="folder of *_0000.nii.gz images")
     parser.add_argument("--out", type=Path, required=True, help="folder for masks and the CSVs")
     parser.add_argument("--trainer", help="trainer whose model predicts (default: nnunet.trainer)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.CFG, args.overrides)
+    with cli.running():
+        cfg = cli.load(args)
         table = predict_images(
             cfg, args.trainer or cfg["nnunet"]["trainer"], input_images(args.input), args.out
         )
-    except (ConfigError, *MULTITASK_ERRORS) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if table.empty:
-        print(f"error: no image of {args.input} could be predicted (see the log)", file=sys.stderr)
-        return 2
+        if table.empty:
+            raise InputError(f"no image of {args.input} could be predicted (see the log)")
     print(
         f"wrote {len(table)} masks and {args.out / RESULTS_CSV} ({table['seconds'].mean():.2f} s per case)"
     )
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,9 +12,10 @@ import pandas as pd
 import pydicom
 import pytest
 
-from utils.rsna.dicom import TRANSFER_SYNTAXES, Study, load_study
+from utils.errors import InputError
+from utils.rsna.dicom import Study, load_study
 from utils.rsna.nifti import load_rsna_seg
-from utils.rsna.synthetic import (
+from utils.rsna.synthetic.generator import (
     FRACTURED_COUNT,
     PRESETS,
     STYLES,
@@ -27,8 +28,9 @@ from utils.rsna.synthetic import (
     render_slice,
     study_style,
 )
+from utils.rsna.synthetic.writers import TRANSFER_SYNTAXES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABEL_COLS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
 SOFT_TISSUE_MAX = 135.0  # HU between soft tissue (<= 50 + noise) and cancellous bone (>= 220)
 SYNTAX_NAMES = {str(uid): name for name, uid in TRANSFER_SYNTAXES.items()}
@@ -141,7 +143,7 @@ def test_deterministic_refuses_non_empty_and_seed_changes_data(tiny, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("not a dataset")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(InputError, match="not empty"):
         generate(other, preset="tiny", seed=1)
     assert (other / "keep.txt").exists()
     generate(other, preset="tiny", seed=1, overwrite=True)

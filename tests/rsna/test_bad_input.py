@@ -1,32 +1,29 @@
 """User mistakes and damaged inputs: one ``error: …`` line (or a logged skip), a non-zero exit,
-nothing half-written. Cases tested next to their module: the metric CLI's bad submissions
-(test_metric.py), unreadable / odd DICOM slices and studies (test_dicom.py), an unknown component
-and an unreadable test study (test_pipeline.py), OOF without a fold file (test_generic_inference.py), HipMRI's unpaired, odd-shaped and float-valued
-slices (test_hipmri.py), nnU-Net's parallel-fold misuse (test_nnunet.py)."""
+nothing half-written, on the RSNA entry points. Cases tested next to their module: the metric
+CLI's bad submissions (test_metric.py), unreadable / odd DICOM slices and studies
+(test_dicom.py), an unknown component and an unreadable test study (test_pipeline.py); OOF
+without a fold file (tests/test_generic_inference.py), killed and atomic writes
+(tests/test_io.py), HipMRI's unpaired, odd-shaped and float-valued slices
+(tests/hipmri/test_hipmri.py), nnU-Net's parallel-fold misuse (tests/test_nnunet.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, tiny_overrides
 
 import train
-from utils.checkpoint import save_checkpoint
-from utils.io import FILE_MODE, write_text
+from tests.rsna.conftest import ROOT, tiny_overrides
+from utils.io import write_text
 from utils.preprocess_data import main as prep_main
-from utils.rsna.chain import write_submission
 from utils.rsna.cross_style import main as cross_style_main
 from utils.rsna.localize import main as localize_main
 from utils.rsna.metric import TARGETS
-from utils.rsna.synthetic import main as synthetic_main
+from utils.rsna.submit import write_submission
+from utils.rsna.synthetic.generator import main as synthetic_main
 
 STAGE1 = str(ROOT / "config" / "rsna" / "stage1_vertebra.yaml")
 
@@ -139,42 +136,3 @@ def test_repeated_test_rows_give_one_submission_row_each(tmp_path, caplog):
     assert sub.row_id.tolist() == rows.row_id.iloc[:8].tolist()
     assert "test.csv repeats 1 row_id(s) (1.2.3_C1): one row each" in caplog.text
     assert pd.read_csv(tmp_path / "sub.csv").shape == (8, 2)
-
-
-_KILLED_SAVE = textwrap.dedent(
-    """
-    import os, signal, sys, torch
-    from utils.checkpoint import save_checkpoint
-
-    def dying_save(obj, f, *a, **k):
-        with open(f, "wb") as out:
-            out.write(b"x" * 1_000_000)  # half a checkpoint on disk
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    torch.save = dying_save
-    save_checkpoint({"w": torch.zeros(3)}, sys.argv[1])
-    """
-)
-
-
-def test_a_killed_checkpoint_save_leaves_nothing_after_the_rerun(tmp_path):
-    target = tmp_path / "run" / "last.pth"
-    save_checkpoint({"epoch": 1}, target)
-    res = subprocess.run(
-        [sys.executable, "-c", _KILLED_SAVE, str(target)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert res.returncode == -9
-    temps = [p.name for p in target.parent.iterdir() if p.name != "last.pth"]
-    assert len(temps) == 1 and temps[0].startswith(".last.pth.")  # what the kill left
-    save_checkpoint({"epoch": 2}, target)  # the rerun's next save
-    assert [p.name for p in target.parent.iterdir()] == ["last.pth"]
-    assert target.stat().st_mode & 0o777 == FILE_MODE
-
-
-def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
-    path = write_text("x", tmp_path / "a.csv")
-    with open(tmp_path / "b.csv", "w") as f:
-        f.write("x")
-    assert path.stat().st_mode & 0o777 == (tmp_path / "b.csv").stat().st_mode & 0o777 == FILE_MODE

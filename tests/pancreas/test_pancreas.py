@@ -4,7 +4,6 @@ slow: the three nnU-Net trainers train a few iterations on CPU, then the one-pas
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,37 +17,13 @@ import torch
 from models.nnunet_trainers import pancreas_multitask as mt
 from utils import nnunet, paths
 from utils.config import load_config
-from utils.fold_split import main as folds_main
-from utils.pancreas import layout, metrics
-from utils.pancreas.convert import cases_csv, round_labels
-from utils.pancreas.convert import main as convert_main
-from utils.pancreas.synthetic import PRESETS, write_dataset
+from utils.pancreas import layout, metric
+from utils.pancreas.preprocess import cases_csv, round_labels
+from utils.pancreas.synthetic import PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = ROOT / "config" / "pancreas" / "base.yaml"
 TRAINERS = load_config(CFG).report.trainers
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """(overrides, config) of the tiny synthetic set converted, with folds and splits_final.json."""
-    root = tmp_path_factory.mktemp("pancreas")
-    write_dataset(root / "data", PRESETS["tiny"], seed=0)
-    overrides = [
-        "profile=tiny",
-        f"data_dir={root / 'data'}",
-        f"output_dir={root / 'out'}",
-        "device=cpu",
-    ]
-    cfg = load_config(CFG, overrides)
-    logging.disable(logging.INFO)
-    try:
-        convert_main(overrides)
-        splits = str(paths.nnunet_splits(cfg))
-        assert folds_main(["--CFG", str(CFG), "--nnunet-splits", splits, *overrides]) == 0
-    finally:
-        logging.disable(logging.NOTSET)
-    return overrides, cfg
 
 
 def test_round_labels_accepts_float_one_and_refuses_other_values():
@@ -64,7 +39,7 @@ def test_round_labels_accepts_float_one_and_refuses_other_values():
 def test_conversion_writes_case_labels_keyed_by_case_id(converted):
     _, cfg = converted
     raw = paths.nnunet_raw_dataset(cfg)
-    labels = pd.read_csv(paths.nnunet_case_labels(cfg), dtype={"case_id": str})
+    labels = pd.read_csv(layout.nnunet_case_labels(cfg), dtype={"case_id": str})
     preset = PRESETS["tiny"]
     assert len(labels) == sum(preset.train) + sum(preset.validation)
     assert labels["case_id"].is_unique
@@ -103,16 +78,16 @@ def test_layout_skips_a_mask_without_image_and_odd_folders(tmp_path, caplog):
 def test_dice_and_macro_f1_on_known_inputs():
     truth = np.array([0, 1, 1, 2, 2, 0])
     pred = np.array([0, 1, 2, 2, 0, 0])
-    d_pancreas, d_lesion = metrics.case_dice(pred, truth, lesion_label=2)
+    d_pancreas, d_lesion = metric.case_dice(pred, truth, lesion_label=2)
     assert d_pancreas == pytest.approx(2 * 3 / (3 + 4))
     assert d_lesion == pytest.approx(2 * 1 / (2 + 2))
-    assert metrics.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+    assert metric.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
     # class 0: P=1 R=1/2 F1=2/3; class 1: P=1/2 R=1 F1=2/3; class 2: P=R=1/2 F1=1/2
-    macro, recall = metrics.classification([0, 0, 1, 2, 2], [0, 1, 1, 2, 1], 3)
+    macro, recall = metric.classification([0, 0, 1, 2, 2], [0, 1, 1, 2, 1], 3)
     assert macro == pytest.approx((2 / 3 + 2 / 3 + 1 / 2) / 3)
     assert recall == pytest.approx([0.5, 1.0, 0.5])
     # always class 1 (the majority of training): F1 of class 1 = 2 * (1/3) / (4/3) = 0.5, others 0
-    assert metrics.majority_baseline([1, 1, 0], [0, 1, 2], 3) == pytest.approx(0.5 / 3)
+    assert metric.majority_baseline([1, 1, 0], [0, 1, 2], 3) == pytest.approx(0.5 / 3)
 
 
 def test_options_come_from_the_environment(monkeypatch):
@@ -164,9 +139,9 @@ def test_trainers_train_on_cpu_and_predictor_writes_one_row_per_test_case(conver
     assert set(report["trainers"]) == set(TRAINERS)
     for row in report["trainers"].values():
         assert {"dsc_pancreas", "dsc_lesion", "macro_f1", "s_per_case"} <= set(row)
-    out_dir = paths.predictions_dir(cfg, "test")
+    out_dir = layout.predictions_dir(cfg, "test")
     run(
-        "utils.pancreas.predict",
+        "utils.pancreas.submit",
         "--CFG",
         str(CFG),
         "--input",

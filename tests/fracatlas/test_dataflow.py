@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
-from test_fracatlas import tiny  # noqa: F401  (the fixture: tiny set converted + fold file)
 
 from train import split_table
 from utils import nnunet, paths
@@ -27,7 +26,7 @@ from utils.fracatlas.folds import read_cases
 from utils.fracatlas.report import write_report
 from utils.registry import build_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config" / "fracatlas"
 ENSEMBLE = 250  # map value (uint8) the stand-in writes for a prediction by several folds
 
@@ -80,7 +79,9 @@ def mapped(tiny, tmp_path_factory):  # noqa: F811
         mp.setattr(nnunet, "run", _fake_nnunet(calls))
         for split in ("oof", "test"):
             cases = segment.predict(cfg, split)
-            segment.write_maps(cases, paths.seg_predictions(cfg, split), paths.seg_maps(cfg, split))
+            segment.write_maps(
+                cases, layout.seg_predictions(cfg, split), layout.seg_maps(cfg, split)
+            )
     return cfg, calls
 
 
@@ -204,7 +205,7 @@ def _write_classifier_preds(cfg, exp: str, seed: int) -> None:
 
 def _write_seg_predictions(cfg, cases: pd.DataFrame) -> None:
     """OOF masks that differ from the truth: shifted, emptied, or a false blob on a negative."""
-    raw, out = paths.nnunet_raw_dataset(cfg), paths.seg_predictions(cfg, "oof")
+    raw, out = paths.nnunet_raw_dataset(cfg), layout.seg_predictions(cfg, "oof")
     out.mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(cases[cases.label != ""].itertuples()):
         truth = cv2.imread(str(raw / row.label), cv2.IMREAD_GRAYSCALE)
@@ -245,7 +246,7 @@ def test_report_numbers_rescored_from_its_own_files(tiny, tmp_path):  # noqa: F8
         assert report[key] == pytest.approx(auc, abs=1e-4), key
     assert report["cls_auc"] != report["cls_auc_mask_guided"]
 
-    raw, pred_dir = paths.nnunet_raw_dataset(cfg), paths.seg_predictions(cfg, "oof")
+    raw, pred_dir = paths.nnunet_raw_dataset(cfg), layout.seg_predictions(cfg, "oof")
     rows = []
     for row in cases[cases.label != ""].itertuples():
         t = cv2.imread(str(raw / row.label), cv2.IMREAD_GRAYSCALE) > 0
