@@ -18,6 +18,8 @@ from typing import Any
 import pandas as pd
 
 from utils.config import Config
+from utils.errors import user_errors
+from utils.weights import check_available
 
 
 class Registry:
@@ -147,14 +149,17 @@ def load_pipeline(name: str) -> Pipeline:
 
 
 def check_components(cfg) -> None:
-    """Fail before any work when the config names an unknown pipeline, component or parameter.
+    """Fail before any work on an unknown pipeline, component or parameter, or missing weights.
 
-    Raises KeyError (unknown name) or TypeError (unknown ``params`` key) with the valid choices.
+    Raises KeyError (unknown name) or TypeError (unknown ``params`` key) with the valid choices;
+    unavailable weights exit with one ``error:`` line (utils/weights.py: check_available).
     """
     load_pipeline(cfg["pipeline"])
     MODELS.check(cfg["model"]["name"], [*cfg["model"]["params"], *_model_extra(cfg)])
     DATASETS.check(cfg["dataset"]["name"], [*cfg["dataset"]["params"], "table", "cfg", "train"])
     LOSSES.check(cfg["loss"]["name"], cfg["loss"]["params"])
+    with user_errors():  # the caller turns only KeyError / TypeError into its one line
+        check_available(cfg)
 
 
 def _model_extra(cfg) -> dict[str, Any]:
