@@ -9,13 +9,17 @@ from typing import Any
 import timm
 from torch import nn
 
+from utils.weights import local_weights
+
 
 @dataclass(frozen=True)
 class EncoderSpec:
     """What a model's image encoder is: the ``model.params.encoder`` mapping of a config.
 
-    ``pretrained`` downloads weights (needs internet); offline, give ``checkpoint_path`` to a local
-    timm weight file instead (its first conv is adapted to ``in_chans`` by timm).
+    ``pretrained`` loads timm's ImageNet weights: from the local weights folder when its manifest
+    lists the backbone (``python -m utils.weights fetch``; no network), else downloaded by timm.
+    ``checkpoint_path`` names a local timm weight file instead. Either way timm's pretrained
+    loading adapts the first conv to ``in_chans`` and drops the classifier.
     """
 
     backbone: str = "resnet18"  # any timm model name
@@ -39,12 +43,15 @@ class EncoderSpec:
         kwargs: dict[str, Any] = (
             {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
         )
-        pretrained = self.pretrained
-        if self.checkpoint_path:
-            kwargs["pretrained_cfg_overlay"] = {"file": str(self.checkpoint_path)}
-            pretrained = True
+        file = self.checkpoint_path or (local_weights(self.backbone) if self.pretrained else None)
+        if file:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
         model = timm.create_model(
-            self.backbone, pretrained=pretrained, in_chans=in_chans, num_classes=0, **kwargs
+            self.backbone,
+            pretrained=self.pretrained or bool(file),
+            in_chans=in_chans,
+            num_classes=0,
+            **kwargs,
         )
         return model, model.num_features
 

@@ -28,6 +28,7 @@ from utils.engine import (
 )
 from utils.errors import InputError
 from utils.registry import DATASETS, build_dataset, build_model
+from utils.weights import without_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def load_models(cfg: Config, folds: Iterable[int] | None = None) -> dict[int, to
     models = {}
     for fold in folds if folds is not None else trained_folds(cfg):
         state = load_checkpoint(paths.checkpoint_path(cfg, fold, cfg["infer"]["checkpoint"]))
-        model = build_model(Config(state["config"]))
+        # The state dict replaces every weight: no pretrained download (Kaggle runs offline).
+        model = build_model(Config(without_pretrained(state["config"])))
         model.load_state_dict(state["model"])
         models[fold] = prepare_model(model, cfg, device).eval()
     return models

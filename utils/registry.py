@@ -19,6 +19,7 @@ import pandas as pd
 
 from utils.config import Config, ConfigError, thaw
 from utils.datasets import StageDataset
+from utils.weights import check_available
 
 
 class Registry:
@@ -150,14 +151,17 @@ def load_pipeline(name: str) -> Pipeline:
 
 
 def check_components(cfg) -> None:
-    """Fail before any work when the config names an unknown pipeline, component or parameter.
+    """Fail before any work on an unknown pipeline, component or parameter, or missing weights.
 
-    Raises ConfigError (an unknown name or ``params`` key) listing the valid choices.
+    Raises ConfigError (an unknown name or ``params`` key) listing the valid choices, or
+    InputError when pretrained encoder weights are neither local nor downloadable
+    (utils/weights.py: check_available).
     """
     load_pipeline(cfg["pipeline"])
     MODELS.check(cfg["model"]["name"], [*cfg["model"]["params"], *_model_extra(cfg)])
     DATASETS.check(cfg["dataset"]["name"], [*cfg["dataset"]["params"], "table", "cfg", "train"])
     LOSSES.check(cfg["loss"]["name"], cfg["loss"]["params"])
+    check_available(cfg)
 
 
 def _model_extra(cfg) -> dict[str, Any]:
