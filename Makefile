@@ -26,7 +26,7 @@ demo-hipmri: $(VENV)/.installed
 demo-fracatlas: $(VENV)/.installed
 	PROFILE=demo PYTHON=$(PY) sh train.sh fracatlas
 
-# Three multi-task nnU-Net trainers on synthetic pancreas CT (~19 min on 2 CPU cores): table of DSC, macro-F1, s/case.
+# Three multi-task nnU-Net trainers on synthetic pancreas CT: table of DSC, macro-F1, s/case (timing: docs/benchmarks.md).
 demo-multitask: $(VENV)/.installed
 	PROFILE=demo PYTHON=$(PY) sh train.sh pancreas
 

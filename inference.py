@@ -6,12 +6,12 @@ key and output columns by default), so nothing grows with the data set.
 
 ``--split oof`` (default): each training case predicted by the fold model that did not train on
 it -> ``<output_dir>/<pipeline>/<exp>/preds_oof.csv`` (reused while newer than every checkpoint
-and input); then the pipeline's report for that stage, if it has one (RSNA: localisation plots
-after stage 1, the CV report after stage 2 and the patient head).
+and input); then the pipeline's ``after_oof`` report for that stage, if it has one
+(``utils/<pipeline>/report.py``).
 
-``--split test``: the pipeline's test-time chain on ``--data-dir`` when it has one (RSNA: the
-whole chain -> submission.csv), else this stage's fold-mean predictions on the data set's test
-rows. Intermediates go to ``<output_dir>/<pipeline>/test/<data folder>-<hash>/``, never into the
+``--split test``: the pipeline's test-time chain on ``--data-dir`` when it has one
+(``utils/<pipeline>/submit.py``, e.g. the whole chain -> submission.csv), else this stage's
+fold-mean predictions on the data set's test rows. Intermediates go to ``<output_dir>/<pipeline>/test/<data folder>-<hash>/``, never into the
 training products; ``--out`` sets the submission / prediction file or folder (default: in that
 folder).
 """

@@ -181,6 +181,9 @@ pancreas() {
     echo "report: $PRODUCTS/cv_report.md    test: $PRODUCTS/predictions/test/subtype_results.csv    ($(( (SECONDS - T0) / 60 )) min)"
 }
 
+step "pre-flight: pretrained encoder weights of every stage (python -m utils.weights fetch --all on a machine with internet)"
+"$PYTHON" -m utils.weights check --pipeline "$PIPELINE" "${COMMON[@]}"
+
 case "$PIPELINE" in
     rsna | hipmri | fracatlas | pancreas) "$PIPELINE" ;;
     *) echo "error: sh train.sh $PIPELINE: no recipe for this pipeline yet (rsna, hipmri, fracatlas, pancreas)" >&2; exit 2 ;;

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from utils.checkpoint import resume_state, save_checkpoint
 from utils.config import ConfigError, diff_configs, load_config, save_config, yaml_load
+from utils.errors import InputError
 from utils.registry import DATASETS, LOSSES, MODELS, build_model, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,3 +140,28 @@ def test_registry_errors_list_choices():
         ConfigError, match="unknown params \\['dropuot'\\]; valid: encoder, in_chans"
     ):
         build_model(cfg)
+
+
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        ("nnunet.n_proc=3", False),  # a worker count (tiny: 1)
+        ("report.threshold=0.3", False),  # the report, after training
+        ("num_workers=4", False),
+        ("tracker.name=tensorboard", False),
+        ("train.lr=1.0e-2", True),  # what the run computes
+        ("prep.max_side=64", True),  # the classifier's input images
+    ],
+)
+def test_resume_is_refused_only_over_keys_that_change_the_run(tmp_path, change, refused):
+    """A FracAtlas classifier fold trained with one config, resumed with one key changed."""
+    stage = ROOT / "config" / "fracatlas" / "classifier.yaml"
+    ov = ["profile=tiny", f"output_dir={tmp_path}"]
+    run = tmp_path / "fold0"
+    save_checkpoint({"config": load_config(stage, ov).to_dict(), "epoch": 0}, run / "last.pth")
+    cfg = load_config(stage, [*ov, change])
+    if refused:
+        with pytest.raises(InputError, match=f"different config \\({change.split('=')[0]}\\)"):
+            resume_state(cfg, run)
+    else:
+        assert resume_state(cfg, run)["epoch"] == 0

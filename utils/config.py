@@ -2,8 +2,8 @@
 
 Usage::
 
-    cfg = load_config("config/rsna/stage1_vertebra.yaml", ["train.lr=1e-4", "profile=demo"])
-    cfg.train.lr, cfg["train"]["lr"], cfg.get("train.lr"), cfg.pipeline  # -> "rsna"
+    cfg = load_config("config/<pipeline>/<stage>.yaml", ["train.lr=1e-4", "profile=demo"])
+    cfg.train.lr, cfg["train"]["lr"], cfg.get("train.lr"), cfg.pipeline  # -> "<pipeline>"
 
 Layers, in order: ``config/base.yaml`` (generic keys), ``config/<pipeline>/base.yaml`` (the keys
 only that pipeline has, declared once), the stage file ``config/<pipeline>/<stage>.yaml``

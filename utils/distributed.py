@@ -80,8 +80,8 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> 
 
     ``static_graph``: parameters that never reach the loss (e.g. the deep-supervision heads of
     nnU-Net's PlainConvUNet when deep supervision is off) are found in the first step instead
-    of failing the second; the set of used parameters must not change from step to step (RSNA
-    ``box_ratio`` keeps its box head in the graph when a batch has no vertebra slice).
+    of failing the second; the set of used parameters must not change from step to step (a loss
+    keeps every head in the graph even when a batch has no target for one of them).
     """
     if not info.enabled:
         return model

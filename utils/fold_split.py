@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m utils.fold_split --CFG config/rsna/base.yaml [--data-dir D] [--out F] \
+    python -m utils.fold_split --CFG config/<pipeline>/base.yaml [--data-dir D] [--out F] \
         [--force] [--nnunet-splits PATH/splits_final.json [--nnunet-case-map CASES_CSV]] \
         [key=value ...]        # e.g. n_folds=5 seed=42 profile=demo
 

@@ -25,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     which.add_argument("--pipeline", help=f"one of {', '.join(available_pipelines())}")
     which.add_argument("--CFG", help="a config of the pipeline, e.g. config/<pipeline>/base.yaml")
     parser.add_argument("--data-dir", help="the data set's folder (default: the config's data_dir)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel processes (RSNA studies)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="parallel processes (cases converted at once)"
+    )
     args = parser.parse_args(argv)
     with cli.running():
         path = args.CFG or CONFIG_DIR / args.pipeline / "base.yaml"

@@ -29,6 +29,7 @@ import argparse
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -315,7 +316,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     fetch_p = sub.add_parser("fetch", help="download backbones into the weights folder")
     which = fetch_p.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every stage config of every pipeline")
-    which.add_argument("--CFG", help="one stage config, e.g. config/rsna/stage1_vertebra.yaml")
+    which.add_argument("--CFG", help="one stage config, config/<pipeline>/<stage>.yaml")
     which.add_argument("--backbone", help="one timm model name, e.g. convnext_tiny")
     sub.add_parser("list", help="every full-profile backbone: present / missing")
     check_p = sub.add_parser("check", help="pre-flight check of a pipeline's stage configs")
@@ -338,7 +339,7 @@ def _configs(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    with cli.running():
+    with cli.running(logging.WARNING):  # the configs it loads would log every override
         if args.command == "fetch":
             names = (
                 [args.backbone]

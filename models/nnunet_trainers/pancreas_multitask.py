@@ -2,7 +2,7 @@
 
 One implementation, three variants that differ only in how the classifier sees the encoder:
 
-- ``nnUNetTrainerPancreasHead``: a conv block on the deepest encoder stage, global average pool;
+- ``nnUNetTrainerPancreasHead``: a conv block on the deepest encoder stage, pooled by average and max;
 - ``nnUNetTrainerPancreasLesionScaled``: the same features scaled by the lesion map before pooling
   (ground-truth lesion in training, the network's own lesion probability at inference);
 - ``nnUNetTrainerPancreasAttnEnc``: an attention-gated classification encoder fed by every encoder

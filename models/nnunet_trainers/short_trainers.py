@@ -1,5 +1,5 @@
 """Short-schedule trainers for CPU demos, smoke tests and CI: nnU-Net's own
-``nnUNetTrainer_Xepochs`` still run 250 iterations per epoch, minutes each on 2 cores.
+``nnUNetTrainer_Xepochs`` still run 250 iterations per epoch (minutes each on a CPU).
 
 Each trainer is one line of constants on :class:`nnUNetTrainerShort`.
 """
@@ -40,7 +40,7 @@ class nnUNetTrainerSmoke(nnUNetTrainerShort):
 
 class nnUNetTrainer_FracAtlasDemo(nnUNetTrainerShort):
     """FracAtlas demo: 15 epochs x 24 / 2 iterations at lr 0.02 (the full recipe uses the stock
-    ``nnUNetTrainer``). About 3 min per fold at 112 x 128 px patches (batch 7, 0.45 s / iteration)
-    on 2 CPU cores: far from converged (nnU-Net's default is 1000 epochs x 250 iterations)."""
+    ``nnUNetTrainer``): far from converged (nnU-Net's default is 1000 epochs x 250 iterations);
+    its time per fold is in docs/benchmarks.md."""
 
     EPOCHS, ITERATIONS, VAL_ITERATIONS, INITIAL_LR = 15, 24, 2, 2e-2

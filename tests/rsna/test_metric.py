@@ -31,7 +31,7 @@ from utils.rsna.metric import main as metric_main
 
 REPO = Path(__file__).resolve().parents[2]
 LN2 = math.log(2)
-# Train label counts of the 2019 real studies (metric_and_competition.md §2.3).
+# Label counts of the competition's 2,019 train studies (counted from its train.csv).
 TRAIN_POSITIVES = dict(patient_overall=961, C1=146, C2=285, C3=73, C4=108, C5=162, C6=277, C7=393)
 FRACTURES_PER_STUDY = {0: 1058, 1: 623, 2: 239, 3: 64, 4: 26, 5: 7, 6: 2}
 
@@ -148,7 +148,7 @@ def test_global_score_is_weighted_average_of_per_target_losses():
     )
 
 
-# ---- reference anchors (metric_and_competition.md §1.3) -----------------------------------------
+# ---- reference anchors: the constant-prior and all-0.5 scores of the real train.csv --------------
 def test_global_anchor_with_exact_train_counts():
     # The global score of a constant prediction depends only on per-target positive counts, which
     # are known exactly; the per-study score also needs the joint label pattern (next test).

@@ -44,7 +44,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset((3, 4, 3), (1, 2, 1), 2, (12, 32, 32), (14, 36, 40)),
     # 48 train / 24 validation cases in the real 62:106:84 proportions, volumes ~18 x 44 x 52
-    # (a 3D nnU-Net iteration ~1 s on 2 cores).
+    # voxels (small enough for 3D nnU-Net iterations on a CPU).
     "demo": Preset((12, 20, 16), (6, 10, 8), 6, (16, 40, 48), (20, 48, 56)),
 }
 FLOAT_ONE = np.float32(1.0000153)  # how 214 of the 288 real masks store the pancreas label

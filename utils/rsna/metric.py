@@ -3,7 +3,8 @@
 Weights (host clarification): ``patient_overall`` 14 if fractured else 7, each vertebra 2 / 1.
 Predictions are clipped to [1e-15, 1 - 1e-15]. The primary (per-study) score averages each
 study's weight-normalised loss, as the mle-bench grader does; the global variant divides the
-total weighted loss by the total weight (metric_and_competition.md §1).
+total weighted loss by the total weight (the competition's own definition, which the public
+grader reads per study).
 
 Frames come in two layouts:
 
@@ -12,11 +13,11 @@ Frames come in two layouts:
 
 Usage::
 
-    python utils/metric.py SUBMISSION_CSV ANSWERS_CSV [--global]
+    python -m utils.rsna.metric SUBMISSION_CSV ANSWERS_CSV [--global]
 
 ANSWERS_CSV is ``row_id,fractured`` or a train.csv-schema table. Prints the per-study and global
 scores and the per-target log losses; the last line is the primary score alone. Invalid input
-prints ``error: <message>`` to stderr and exits with code 2.
+ends with one ``error: <message>`` line and exit status 1.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Usage::
     python -m utils.rsna.synthetic --out data/rsna_demo --preset demo [--seed 0] [--workers 2]
         [--overwrite]
 
-Presets: ``tiny`` (tests: 8 train + 2 test studies of 32-48 slices of 64 x 64, ~2 s), ``demo``
+Presets: ``tiny`` (tests: 8 train + 2 test studies of 32-48 slices of 64 x 64), ``demo``
 (90 train studies of mixed styles, a third segmented, + 3 test; 80-110 slices of 256 x 256 at
-~2 mm; ~1 min with 2 workers), ``unseen`` (24 test studies with their answers in test_labels.csv,
+~2 mm), ``unseen`` (24 test studies with their answers in test_labels.csv,
 no training half, in a style the demo never uses: the cross-style check), ``bench`` (one 300-slice 512 x 512 JPEG
 Lossless train study for bench/bench_dicom.py; header-only test CSVs).
 
@@ -23,7 +23,7 @@ Layout written under ``--out`` (as the competition)::
     train.csv  train_bounding_boxes.csv  test.csv  sample_submission.csv
     train_images/<uid>/<n>.dcm  test_images/<uid>/<n>.dcm  segmentations/<uid>.nii
     test_labels.csv      # NOT part of the Kaggle layout: the answers for the synthetic test
-                         # studies (train.csv schema), to score a submission with utils/metric.py
+                         # studies (train.csv schema), to score a submission with utils/rsna/metric.py
 
 Each study is a phantom neck CT in HU (air, fat, soft tissue, airway, spinal canal, C1..C7 and a
 few thoracic vertebrae separated by discs) with per-study variation of position, rotation, size,
@@ -67,7 +67,7 @@ LABEL_COLS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
 BOX_COLS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
 UID_ROOT = "1.2.826.0.1.3680043"
 
-# Real train-set label statistics (metric_and_competition.md §2.3).
+# Label statistics of the competition's 2,019 train studies (counted from its train.csv).
 POSITIVE_RATE = 961 / 2019
 FRACTURED_COUNT = {1: 623, 2: 239, 3: 64, 4: 26, 5: 7, 6: 2}  # vertebrae per positive study
 VERTEBRA_POSITIVES = np.array([146, 285, 73, 108, 162, 277, 393], dtype=np.float64)  # C1..C7
