@@ -96,8 +96,8 @@ rsna() {
 }
 
 hipmri() {
-    # One torch thread unless told otherwise: on the shared 2-core machine two OpenMP threads per
-    # process stalled each other (a demo epoch took 374 s with two, 13 s with one, load 5-10).
+    # One torch thread unless told otherwise: on a small shared machine several OpenMP threads
+    # per process stall each other (measured: docs/benchmarks.md).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     need_data keras_slices_train
 

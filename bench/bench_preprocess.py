@@ -4,7 +4,7 @@ Usage::
 
     python -m bench.bench_preprocess [--geometry demo|tiny|full] [--sizes 10 25 50 100] [--workers 1 2]
         [--repeat 1]
-    python -m bench.bench_preprocess --quick          # tiny geometry, 5 and 10 studies (~30 s)
+    python -m bench.bench_preprocess --quick          # tiny geometry, 5 and 10 studies
 
 Writes ``max(--sizes)`` synthetic train studies with ``utils.rsna.synthetic`` (``plan_dataset`` +
 ``write_study``; the geometry of the ``demo`` preset: 80-110 slices of 256 x 256, ``tiny``:

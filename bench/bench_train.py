@@ -59,7 +59,7 @@ class Case:
 
 CASES = (
     Case("stage1 demo", "stage1_vertebra.yaml", "demo"),
-    # The full profile's batch 32 at 384 px costs ~20 s per fp32 step on 2 cores.
+    # The full profile's batch 32 at 384 px is too slow per fp32 step for a CPU benchmark.
     Case("stage1 full", "stage1_vertebra.yaml", "full", ("train.batch_size=8",)),
     Case("stage2 demo", "stage2_fracture.yaml", "demo"),
     Case("stage2 full", "stage2_fracture.yaml", "full", ("train.batch_size=2",)),

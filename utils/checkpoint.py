@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,28 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (plain python/tensor content only)."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", keys: Iterable[str] = ("config",)
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (plain python/tensor content only).
+
+    A missing, truncated or foreign file (not a torch zip, unpickling refused, no ``keys``) is
+    an InputError naming it: a damaged run must never reach training or prediction.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise InputError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "delete it (or its run) and train again"
+        ) from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise InputError(f"{path} is not a checkpoint of this repository (no {', '.join(missing)})")
+    return state
 
 
 def resume_state(cfg: Config, run: Path) -> dict | None:

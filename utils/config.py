@@ -335,7 +335,9 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """``python -m utils.config --CFG FILE [key=value ...] [--get KEY]``: the resolved config as
     YAML, or one value (a list space-separated) for shell scripts."""
-    from utils import cli  # cli builds on this module
+    # cli builds on this module; under ``python -m`` this file runs as __main__, so the classes
+    # of the configs cli loads are those of the imported module.
+    from utils import cli, config
 
     parser = cli.parser(main.__doc__)
     parser.add_argument("--get", metavar="KEY", help="print only this dotted key's value")
@@ -347,8 +349,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         value = cfg.get(args.get, _MISSING)
         if value is _MISSING:
-            raise ConfigError(f"unknown config key '{args.get}'")
-    print(" ".join(map(str, value)) if isinstance(value, tuple) else value)
+            raise config.ConfigError(f"unknown config key '{args.get}'")
+    if isinstance(value, config.Config):
+        print(value.to_yaml(), end="")
+    else:
+        print(" ".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
 _MISSING = object()

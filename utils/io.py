@@ -82,6 +82,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """Byte size of every file below ``folder`` (relative POSIX paths): a record to check a
+    product folder against later, since a truncated or rewritten file has another size."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def changed_files(folder: str | os.PathLike, record: dict[str, int]) -> list[str]:
+    """The files of ``record`` missing from ``folder`` or of another size (relative paths)."""
+    folder = Path(folder)
+    return [
+        rel
+        for rel, size in record.items()
+        if not (folder / rel).is_file() or (folder / rel).stat().st_size != size
+    ]
+
+
 def read_csv(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
     """``pd.read_csv`` whose failure on a missing, empty or malformed file is one InputError
     naming the file."""

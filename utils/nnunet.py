@@ -5,11 +5,13 @@ sets the environment in one place (``nnunet.*`` and ``output_dir`` of the config
 stock commands. Our trainers live in ``models/nnunet_trainers/`` and are found by nnU-Net's own
 lookup through ``nnUNet_extTrainer``. Usage, from the repository root::
 
-    python -m utils.nnunet --CFG config/<pipeline>/base.yaml [key=value ...] env      # export lines
+    python -m utils.nnunet --CFG config/<pipeline>/base.yaml env [key=value ...]      # export lines
     eval "$(python -m utils.nnunet --CFG config/<pipeline>/base.yaml env)"           # then any nnUNetv2_* by hand
-    python -m utils.nnunet --CFG ... plan                   # nnUNetv2_plan_and_preprocess (skipped when planned)
-    python -m utils.nnunet --CFG ... train [all|FOLD ...]   # nnUNetv2_train per fold (finished folds skipped)
-    python -m utils.nnunet --CFG ... predict IN_DIR OUT_DIR [--probabilities]       # fold ensemble
+    python -m utils.nnunet --CFG ... plan [key=value ...]   # nnUNetv2_plan_and_preprocess (skipped when planned)
+    python -m utils.nnunet --CFG ... train [all|FOLD ...] [key=value ...]  # nnUNetv2_train per fold (finished skipped)
+    python -m utils.nnunet --CFG ... predict IN_DIR OUT_DIR [--probabilities] [key=value ...]  # fold ensemble
+
+Overrides follow the sub-command.
 
 Each command is printed before it runs, so a user can copy it. A failing nnU-Net command ends with
 one ``error:`` line naming it (nnU-Net's own output above says why).

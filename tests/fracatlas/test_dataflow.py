@@ -162,7 +162,7 @@ def test_guided_sample_map_covers_the_same_pixels_as_the_image(tmp_path):
 
 # ---- fault: a training label that is not the documented rule on the download --------------------
 def _rule(folder: int, csv: int | None, polygons: int) -> int:
-    """docs/pipelines.md, written out: majority of folder, dataset.csv, "has polygons"; a source
+    """docs/fracatlas.md, written out: majority of folder, dataset.csv, "has polygons"; a source
     that is missing does not vote; a tie goes to the folder."""
     votes = [folder, int(polygons > 0)] + ([] if csv is None else [csv])
     ones = sum(votes)

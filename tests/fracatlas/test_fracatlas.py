@@ -220,6 +220,12 @@ def test_conversion_of_a_hand_made_download(tmp_path, capsys):
     # A rerun with the same inputs and settings is skipped.
     preprocess_main(args)
     assert "skipped" in capsys.readouterr().out
+    # A converted file damaged since (a killed copy, a full disk): the conversion runs again.
+    png = out / "imagesTr" / "Hand_XR_01_0000.png"
+    intact = png.read_bytes()
+    png.write_bytes(intact[: len(intact) // 2])
+    preprocess_main(args)
+    assert "skipped" not in capsys.readouterr().out and png.read_bytes() == intact
 
 
 def test_conversion_errors_in_one_line(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from models.nnunet_trainers import pancreas_multitask as mt
+from tests.conftest import preprocess
 from utils import nnunet, paths
 from utils.config import load_config
 from utils.pancreas import layout, metric
@@ -52,6 +53,22 @@ def test_conversion_writes_case_labels_keyed_by_case_id(converted):
     assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1, 2}
     assert len(list((raw / "imagesTs").glob("*_0000.nii.gz"))) == preset.test
     assert json.loads((raw / "dataset.json").read_text())["numTraining"] == len(labels)
+
+
+def test_a_rerun_keeps_intact_files_and_rewrites_damaged_ones(converted, tmp_path):
+    overrides, cfg = converted
+    raw = paths.nnunet_raw_dataset(cfg)
+    label = sorted((raw / "labelsTr").glob("*.nii.gz"))[0]
+    image = sorted((raw / "imagesTs").glob("*.nii.gz"))[0]
+    kept = sorted((raw / "labelsTr").glob("*.nii.gz"))[1]
+    intact = {p: p.read_bytes() for p in (label, image)}
+    for path in (label, image):  # truncated by a killed copy or a full disk
+        path.write_bytes(intact[path][: len(intact[path]) // 2])
+    before = kept.stat().st_mtime_ns
+    preprocess("pancreas", *overrides)
+    for path, content in intact.items():
+        assert path.read_bytes() == content, path.name
+    assert kept.stat().st_mtime_ns == before  # an intact case is not written again
 
 
 def test_splits_keep_the_given_train_validation_split(converted):

@@ -9,12 +9,14 @@ without a fold file (tests/test_generic_inference.py), killed and atomic writes
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import inference
 import train
 from tests.rsna.conftest import ROOT, tiny_overrides
 from utils.io import write_text
@@ -136,3 +138,18 @@ def test_repeated_test_rows_give_one_submission_row_each(tmp_path, caplog):
     assert sub.row_id.tolist() == rows.row_id.iloc[:8].tolist()
     assert "test.csv repeats 1 row_id(s) (1.2.3_C1): one row each" in caplog.text
     assert pd.read_csv(tmp_path / "sub.csv").shape == (8, 2)
+
+
+def test_a_truncated_checkpoint_stops_inference_with_one_line_naming_it(
+    tiny_head, tiny_ov, tmp_path
+):
+    out = tmp_path / "output"
+    shutil.copytree(tiny_head.output_dir, out, ignore=shutil.ignore_patterns("test"))
+    best = out / "rsna" / "stage2_fracture" / "fold1" / "best.pth"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    (out / "rsna" / "stage2_fracture" / "preds_oof.csv").unlink()
+    ov = [o for o in tiny_ov if not o.startswith("output_dir=")] + [f"output_dir={out}"]
+    message = _error(
+        inference.main, ["--CFG", "config/rsna/stage2_fracture.yaml", "--split", "oof", *ov]
+    )
+    assert str(best) in message and "not a readable checkpoint" in message

@@ -21,11 +21,13 @@ from nbclient import NotebookClient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
+import inference
 from utils.checkpoint import load_checkpoint
 from utils.errors import InputError
 from utils.rsna import kaggle, kaggle_bundle, layout
 from utils.rsna.kaggle import SLUG, find_competition
 from utils.rsna.metric import TARGETS, validate_submission
+from utils.rsna.submit import chain_products
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "kaggle" / kaggle_bundle.NOTEBOOK
@@ -229,6 +231,44 @@ def test_notebook_on_a_full_test_csv_and_with_a_tiny_budget(
     assert "chain failed" not in log
     for uid in listed.StudyInstanceUID.unique():
         assert uid in log
+
+
+def test_notebook_submits_what_inference_py_submits(
+    code_bundle, tiny_data, tiny_ov, tiny_head, tmp_path, monkeypatch
+):
+    """The same test folder and trained runs: the notebook's submission (bundle + Kaggle mount)
+    equals ``inference.py --split test``'s row by row; the bundle carries every product the
+    chain applies (calibration fit, plausibility reference, priors)."""
+    manifest = json.loads((code_bundle / "bundle.json").read_text())
+    shipped = {p.name for p in (code_bundle / manifest["runs"] / "rsna").iterdir() if p.is_file()}
+    assert {p.name for p in chain_products(tiny_head).values()} == shipped
+    assert tiny_head.post.calibration == "platt" and tiny_head.post.shrink > 0
+    root = tmp_path / "kaggle"
+    comp = kaggle_tree(
+        root, code_bundle, root / "input" / SLUG, tiny_data / "test_images", tiny_data / "train.csv"
+    )
+    shutil.copy(tiny_data / "test.csv", comp / "test.csv")
+    log = run_notebook(root, monkeypatch)
+    assert "not applied" not in log and "chain failed" not in log
+    notebook = pd.read_csv(layout.kaggle_submission(root))
+    out = tmp_path / "inference.csv"
+    ov = [o for o in tiny_ov if not o.startswith("data_dir=")]
+    cmd = ["--CFG", str(ROOT / "config" / "rsna" / "patient_head.yaml"), "--split", "test"]
+    inference.main([*cmd, "--data-dir", str(comp), "--out", str(out), *ov])
+    local = pd.read_csv(out)
+    assert len(local) == len(pd.read_csv(comp / "test.csv")) > 0
+    pd.testing.assert_frame_equal(notebook, local, check_exact=True)
+
+
+def test_a_chain_missing_a_product_it_applies_stops_with_one_line(tiny_head, tiny_ov, tmp_path):
+    out = tmp_path / "output"
+    shutil.copytree(tiny_head.output_dir, out, ignore=shutil.ignore_patterns("test"))
+    (out / "rsna" / "calibration.json").unlink()
+    ov = [o for o in tiny_ov if not o.startswith("output_dir=")] + [f"output_dir={out}"]
+    cmd = ["--CFG", str(ROOT / "config" / "rsna" / "patient_head.yaml"), "--split", "test", *ov]
+    with pytest.raises(SystemExit, match=r"^error: .*calibration .*calibration.json"):
+        inference.main([*cmd, "--out", str(tmp_path / "sub.csv")])
+    assert not (tmp_path / "sub.csv").exists()
 
 
 # ---- a data set the project did not generate ------------------------------------------------------

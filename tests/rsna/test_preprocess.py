@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import preprocess
+from tests.conftest import ROOT, preprocess
 from utils.rsna import layout
 from utils.rsna.preprocess import clean_labels, stage1_labels
 
@@ -111,3 +118,58 @@ def test_preprocess_resumes_and_refuses_other_cache_settings(tiny_data, tiny_out
     assert layout.studies_csv(prep).read_bytes() == before
     with pytest.raises(SystemExit, match="cache built with"):
         preprocess("rsna", *run, "cache.size=32")
+
+
+def _prep_copy(tiny_data, tiny_output, tmp_path) -> tuple[Path, tuple[str, ...]]:
+    """A private copy of the tiny preprocessing products and the overrides that reach it."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_output / "rsna" / "prep", out / "rsna" / "prep")
+    return out / "rsna" / "prep", (
+        "--data-dir",
+        str(tiny_data),
+        f"output_dir={out}",
+        "profile=tiny",
+    )
+
+
+def test_a_truncated_cache_is_rebuilt_on_rerun(tiny_data, tiny_output, tmp_path, caplog):
+    prep, run = _prep_copy(tiny_data, tiny_output, tmp_path)
+    uid = sorted(p.stem for p in (prep / "volumes").glob("*.npy"))[0]
+    volume = layout.volume_path(prep, uid)
+    intact = np.load(volume)
+    volume.write_bytes(volume.read_bytes()[: volume.stat().st_size // 2])  # half a file
+    caplog.set_level(logging.INFO)
+    preprocess("rsna", *run)
+    assert f"cached volume {volume} is damaged" in caplog.text
+    assert "1 studies to process" in caplog.text
+    np.testing.assert_array_equal(np.load(volume), intact)
+
+
+def test_preprocessing_killed_midway_resumes_without_redoing_finished_studies(tiny_data, tmp_path):
+    """A real SIGKILL in the middle of preprocessing; the rerun processes only what was not done
+    and the tables equal those of an uninterrupted run."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "utils.preprocess_data", "--pipeline", "rsna"]
+    cmd += ["--data-dir", str(tiny_data), f"output_dir={out}", "profile=tiny"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    parts = layout.parts_dir(out / "rsna" / "prep")
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(parts.glob("*.json")))
+    n_studies = sum(1 for s in ("train", "test") for _ in (tiny_data / f"{s}_images").iterdir())
+    assert 3 <= done < n_studies
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert f"{n_studies - done} studies to process" in rerun.stderr
+    straight = tmp_path / "straight"
+    preprocess("rsna", "--data-dir", str(tiny_data), f"output_dir={straight}", "profile=tiny")
+    for table in ("studies.csv", "stage1_labels.csv"):
+        a = pd.read_csv(out / "rsna" / "prep" / table).drop(columns="seconds", errors="ignore")
+        b = pd.read_csv(straight / "rsna" / "prep" / table).drop(columns="seconds", errors="ignore")
+        pd.testing.assert_frame_equal(a, b)
+    for volume in (straight / "rsna" / "prep" / "volumes").glob("*.npy"):
+        resumed = out / "rsna" / "prep" / "volumes" / volume.name
+        np.testing.assert_array_equal(np.load(resumed), np.load(volume))

@@ -1,4 +1,4 @@
-"""The FracAtlas download's layout and its readers (figshare ``FracAtlas.zip``, see docs/pipelines.md).
+"""The FracAtlas download's layout and its readers (figshare ``FracAtlas.zip``, see docs/fracatlas.md).
 
 ::
 

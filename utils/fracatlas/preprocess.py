@@ -13,7 +13,7 @@ Per image: the JPG decoded to single-channel 8-bit (a truncated file is decoded 
 goes, ``status`` truncated_recovered; an undecodable one is skipped, ``status`` unreadable);
 every COCO polygon of the image rasterised with pycocotools at the image's own size and unioned
 into one 0/1 mask; optionally both resized identically, aspect kept (``prep.max_side``); PNGs
-written losslessly. Label rule (documented in docs/pipelines.md): the majority of the three
+written losslessly. Label rule (documented in docs/fracatlas.md): the majority of the three
 sources -- the folder, ``dataset.csv`` and "has COCO polygons" -- with the folder deciding a
 tie (a source that is missing does not vote); every disagreement is logged and noted in the
 ``conflict`` column. A fractured image without polygons has no mask: classifier only.
@@ -43,7 +43,7 @@ from utils.config import Config
 from utils.errors import InputError
 from utils.fracatlas import layout
 from utils.fracatlas.images import UNREADABLE, UnreadableImage, rasterise, read_gray, resize_pair
-from utils.io import write_csv, write_text
+from utils.io import changed_files, file_sizes, write_csv, write_text
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "fracatlas" / "base.yaml"
@@ -63,6 +63,7 @@ COLUMNS = (
     "conflict",
 )
 FOLDER_OF = {"train": "Tr", "test": "Ts", "extra": "Extra"}  # role -> images<X>/ labels<X>/
+SIZES = "files.json"  # byte size of every converted file, written by the conversion
 
 
 def cases_csv(out: Path) -> Path:
@@ -243,6 +244,7 @@ def convert(data: Path, out: Path, cfg: Config) -> pd.DataFrame:
         write_dataset_json(tmp, out.name, int(table["nnunet_train"].sum()))
         write_csv(table, cases_csv(tmp))
         write_text(json.dumps(settings(data, cfg), indent=1) + "\n", tmp / "conversion.json")
+        write_text(json.dumps(file_sizes(tmp), indent=0) + "\n", tmp / SIZES)
         _swap(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,12 +263,22 @@ def _swap(new: Path, out: Path) -> None:
 
 
 def is_current(data: Path, out: Path, cfg: Config) -> bool:
-    done = out / "conversion.json"
-    return (
-        cases_csv(out).is_file()
-        and done.is_file()
-        and json.loads(done.read_text()) == json.loads(json.dumps(settings(data, cfg)))
-    )
+    """True when ``out`` was converted from ``data`` with these settings and no file of it has
+    been damaged since (each file's size is checked against the record the conversion wrote)."""
+    done, sizes = out / "conversion.json", out / SIZES
+    if not (cases_csv(out).is_file() and done.is_file() and sizes.is_file()):
+        return False
+    if json.loads(done.read_text()) != json.loads(json.dumps(settings(data, cfg))):
+        return False
+    damaged = changed_files(out, json.loads(sizes.read_text()))
+    if damaged:
+        log.warning(
+            "%s: %d converted files missing or damaged (e.g. %s): converting again",
+            out,
+            len(damaged),
+            damaged[0],
+        )
+    return not damaged
 
 
 def summary(table: pd.DataFrame) -> str:

@@ -14,26 +14,21 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_curve
 
-from utils import cli
-
-matplotlib.use("Agg")
-import cv2  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from utils import paths  # noqa: E402
-from utils.config import Config  # noqa: E402
-from utils.fracatlas import layout  # noqa: E402
-from utils.fracatlas.folds import read_cases  # noqa: E402
-from utils.fracatlas.layout import ID  # noqa: E402
-from utils.fracatlas.metric import classification_metrics, seg_cases, seg_metrics  # noqa: E402
-from utils.fracatlas.preprocess import CASE  # noqa: E402
-from utils.io import atomic_path, write_text  # noqa: E402
-from utils.predict import read_predictions  # noqa: E402
+from utils import cli, paths
+from utils.config import Config
+from utils.fracatlas import layout
+from utils.fracatlas.folds import read_cases
+from utils.fracatlas.layout import ID
+from utils.fracatlas.metric import classification_metrics, seg_cases, seg_metrics
+from utils.fracatlas.preprocess import CASE
+from utils.io import write_text
+from utils.plots import plt, save_figure
+from utils.predict import read_predictions
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +157,7 @@ def plot_roc(cfg: Config, path: Path) -> Path | None:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("1 - specificity"), ax.set_ylabel("sensitivity"), ax.legend(loc="lower right")
     ax.set_title("FracAtlas OOF ROC")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_overlays(cfg: Config, n: int) -> list[Path]:
@@ -194,12 +186,7 @@ def plot_overlays(cfg: Config, n: int) -> list[Path]:
                 ax.imshow(np.ma.masked_equal(mask, 0), cmap=colour, vmin=0, vmax=1, alpha=0.7)
             ax.set_title(title), ax.axis("off")
         fig.suptitle(row.image_id, fontsize=9)
-        path = layout.overlays_dir(cfg) / f"{row.case_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, layout.overlays_dir(cfg) / f"{row.case_id}.png"))
     return written
 
 

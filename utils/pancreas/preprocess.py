@@ -81,20 +81,35 @@ def _write_labels(mask_path: str, image_path: str, dst: Path) -> None:
         gz.replace(tmp)
 
 
+def _intact_copy(src: str, dst: Path) -> bool:
+    """``dst`` exists with ``src``'s size (a truncated copy has fewer bytes)."""
+    return dst.is_file() and dst.stat().st_size == Path(src).stat().st_size
+
+
+def _intact_labels(path: Path) -> bool:
+    """``path`` decodes to the end (gzip detects a truncated stream)."""
+    try:
+        np.asarray(nib.load(path).dataobj)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError):
+        return False
+    return True
+
+
 def convert_case(row, raw: Path) -> None:
-    """Write one case into the raw dataset (skipped when its files exist)."""
+    """Write one case into the raw dataset; files already there and intact are kept, damaged
+    ones (a killed copy, a full disk) are written again."""
     if row.split == layout.TEST_SPLIT:
         dst = raw / "imagesTs" / layout.image_name(row.case_id)
-        if not dst.is_file():
+        if not _intact_copy(row.image, dst):
             _copy(row.image, dst)
         return
     image, label = (
         raw / "imagesTr" / layout.image_name(row.case_id),
         raw / "labelsTr" / layout.mask_name(row.case_id),
     )
-    if not label.is_file():
+    if not (label.is_file() and _intact_labels(label)):
         _write_labels(row.mask, row.image, label)
-    if not image.is_file():
+    if not _intact_copy(row.image, image):
         _copy(row.image, image)
 
 

@@ -7,7 +7,9 @@ Usage::
 
 - ``code``: ``<out>/code/`` = the inference code (the git-tracked files of ``CODE_PATHS``), the
   trained runs of every stage of ``CONFIG`` (``runs/rsna/<exp>/fold<k>/{best.pth,config.yaml}``,
-  the ``infer.checkpoint`` kind only, weights and config without the optimizer state), the saved train priors, ``bundle.json`` (config, profile,
+  the ``infer.checkpoint`` kind only, weights and config without the optimizer state), the CV
+  report's products the test-time chain reads (``utils.rsna.submit.chain_products``: train
+  priors, calibration fit, plausibility reference), ``bundle.json`` (config, profile,
   runs folder, commit) and ``dataset-metadata.json``. ``key=value`` overrides select the runs
   (e.g. ``output_dir=...``, ``profile=demo``).
 - ``wheels``: ``<out>/wheels/`` = ``requirements-kaggle.txt`` (every distribution the inference
@@ -40,6 +42,7 @@ from utils.errors import InputError
 from utils.io import write_text
 from utils.predict import trained_folds
 from utils.rsna import layout
+from utils.rsna.submit import chain_products
 
 log = logging.getLogger("kaggle_bundle")
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,9 +157,12 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
             save_checkpoint({k: state[k] for k in INFERENCE_KEYS}, dst / f"{kind}.pth")
             shutil.copy2(src / "config.yaml", dst / "config.yaml")
         log.info("%s: folds %s", exp, folds)
-    priors = layout.priors_json(cfg)
-    if priors.is_file():
-        shutil.copy2(priors, code / runs / cfg.pipeline / priors.name)
+    for role, product in chain_products(cfg).items():  # what the test-time chain reads
+        if not product.is_file():
+            raise InputError(
+                f"no {role} file {product}: run the CV report (inference.py --split oof)"
+            )
+        shutil.copy2(product, code / runs / cfg.pipeline / product.name)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()

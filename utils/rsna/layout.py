@@ -62,6 +62,21 @@ def stage1_labels_csv(prep: Path) -> Path:
     return Path(prep) / "stage1_labels.csv"
 
 
+def parts_dir(prep: Path) -> Path:
+    """Per-study results of preprocessing, written as each study finishes (resume unit)."""
+    return Path(prep) / "parts"
+
+
+def study_row_json(prep: Path, uid: str) -> Path:
+    """A study's ``studies.csv`` row, written last: it marks the study as done."""
+    return parts_dir(prep) / f"{uid}.json"
+
+
+def study_labels_csv(prep: Path, uid: str) -> Path:
+    """A segmented study's rows of ``stage1_labels.csv``."""
+    return parts_dir(prep) / f"{uid}.labels.csv"
+
+
 def volume_path(prep: Path, uid: str) -> Path:
     """Windowed uint8 volume (Z, S, S), head -> feet, memory-mappable."""
     return Path(prep) / "volumes" / f"{uid}.npy"

@@ -192,11 +192,3 @@ def finalise(
         loc, wide[UID].tolist(), float(post["min_peak"]), tuple(post["length_range"]), ref
     )
     return shrink(wide, flags, priors, float(post["shrink"])), flags
-
-
-def load_json(path: Path, what: str) -> Any:
-    """A file the CV report saved, or None (logged) when it has not written one."""
-    if not path.is_file():
-        log.warning("no %s at %s (run the CV report): not applied", what, path)
-        return None
-    return json.loads(path.read_text())

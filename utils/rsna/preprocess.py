@@ -160,12 +160,12 @@ def process_study(
             labels = stage1_labels(seg)
             labels.insert(0, "StudyInstanceUID", uid)
             labels.insert(2, "file_number", study.file_numbers)
-            write_csv(labels[LABEL_COLS], prep / "parts" / f"{uid}.labels.csv")
+            write_csv(labels[LABEL_COLS], layout.study_labels_csv(prep, uid))
             row["has_seg"] = True
         except ValueError as err:  # a mismatching segmentation must not poison stage-1 labels
             log.warning("skipping segmentation of %s: %s", uid, err)
     row["seconds"] = round(time.perf_counter() - t0, 2)
-    write_text(json.dumps(row), prep / "parts" / f"{uid}.json")
+    write_text(json.dumps(row), layout.study_row_json(prep, uid))
     return row
 
 
@@ -195,15 +195,37 @@ def check_cache_settings(prep: Path, size: int, win: tuple[float, float]) -> Non
         write_text(json.dumps(settings), marker)
 
 
+def is_cached(prep: Path, uid: str, size: int) -> bool:
+    """True when study ``uid`` is done in ``prep``: its metadata row exists and its volume loads
+    with the shape that row records. A damaged volume (truncated by a killed copy, a full disk)
+    is logged and its row removed, so the study is processed again rather than fed to training."""
+    part = layout.study_row_json(prep, uid)
+    if not part.is_file():
+        return False
+    path = layout.volume_path(prep, uid)
+    expected = (json.loads(part.read_text())["n_slices"], size, size)
+    try:
+        shape = np.load(path, mmap_mode="r").shape
+    except (OSError, ValueError, EOFError) as err:  # missing, truncated or not a .npy file
+        problem = f"{type(err).__name__}: {err}"
+    else:
+        if shape == expected:
+            return True
+        problem = f"shape {shape}, expected {expected}"
+    log.warning("cached volume %s is damaged (%s): processing the study again", path, problem)
+    part.unlink()
+    return False
+
+
 def list_jobs(data: Path, prep: Path, size: int, win: tuple[float, float]) -> list[tuple]:
-    """Studies of train_images and test_images not yet done."""
+    """Studies of train_images and test_images not yet done (or whose cache is damaged)."""
     jobs = []
     for split in ("train", "test"):
         root = layout.images_dir(data, split)
         if not root.is_dir():
             continue
         for study_path in sorted(p for p in root.iterdir() if p.is_dir()):
-            if (prep / "parts" / f"{study_path.name}.json").is_file():
+            if is_cached(prep, study_path.name, size):
                 continue
             seg = layout.segmentation_path(data, study_path.name) if split == "train" else None
             jobs.append((study_path, split, prep, size, win, seg))
@@ -233,7 +255,7 @@ def check_inputs(data: Path) -> None:
 
 def collect(prep: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rebuild ``studies.csv`` and ``stage1_labels.csv`` from the per-study parts."""
-    parts = prep / "parts"
+    parts = layout.parts_dir(prep)
     rows = [json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))]
     if not rows:
         raise InputError("no study could be read (each one is named in the log above)")

@@ -7,9 +7,11 @@ CV report -> submission rows in test.csv order, columns row_id,fractured.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,8 +29,8 @@ from utils.rsna.dicom import StudyReadError
 from utils.rsna.localize import COLUMNS as LOC_COLUMNS
 from utils.rsna.localize import fill_skipped_slices, localize, strided_slices
 from utils.rsna.metric import TARGETS, UID, validate_submission
-from utils.rsna.postprocess import finalise, load_json
-from utils.rsna.preprocess import check_cache_settings, process_study
+from utils.rsna.postprocess import finalise
+from utils.rsna.preprocess import check_cache_settings, is_cached, process_study
 from utils.rsna.report import stage2_wide
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def ensure_cached(s1: Config, uids: list[str], prep: Path) -> list[str]:
     check_cache_settings(prep, int(s1.cache.size), tuple(s1.cache.window))
     cached = []
     for uid in uids:
-        if not layout.volume_path(prep, uid).is_file():
+        if not is_cached(prep, uid, int(s1.cache.size)):
             try:
                 process_study(
                     layout.study_dir(data, "test", uid),
@@ -113,6 +115,38 @@ def predict_stage1(
     return pred if stride == 1 else fill_skipped_slices(pred, n)
 
 
+def chain_products(cfg: Config) -> dict[str, Path]:
+    """The CV report's products the test-time chain reads besides the fold runs, by role.
+
+    The Kaggle bundle ships exactly these (utils/rsna/kaggle_bundle.py), so the notebook runs the
+    chain inference.py runs. ``priors`` is read where the data folder has no train.csv;
+    ``calibration`` with ``post.calibration: platt``; ``plausibility`` with ``post.shrink`` > 0.
+    """
+    products = {"priors": layout.priors_json(cfg)}
+    if cfg.post.calibration == "platt":
+        products["calibration"] = layout.calibration_json(cfg)
+    if float(cfg.post.shrink) > 0:
+        products["plausibility"] = layout.plausibility_json(cfg)
+    return products
+
+
+def read_products(cfg: Config) -> dict[str, Any]:
+    """The calibration fit and plausibility reference the chain is configured to apply.
+
+    A missing one stops the chain with one line (a chain without it would submit other numbers
+    than the CV report scored); the priors are read by ``train_priors``.
+    """
+    wanted = {k: p for k, p in chain_products(cfg).items() if k != "priors"}
+    missing = [f"{k} ({p})" for k, p in wanted.items() if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"the test-time chain is configured to apply {', '.join(missing)}, which the CV report "
+            "writes: run inference.py --split oof on the last stage first, or set "
+            "post.calibration=none / post.shrink=0"
+        )
+    return {k: json.loads(p.read_text()) for k, p in wanted.items()}
+
+
 def submit(cfg: Config, out: Path | None) -> Path:
     """The pipeline's ``test`` hook: :func:`test_chain` into ``out`` (default: the test folder's)."""
     out = Path(out) if out is not None else layout.submission_csv(cfg)
@@ -133,6 +167,7 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     (one cached study is a handful of batches).
     """
     start = time.monotonic()
+    products = read_products(cfg)  # before any work: a missing one is an error, not a silent skip
     stages, plan = cfg.stages, cfg.submit
     s1 = run_config(cfg, stages.vertebra).replace(num_workers=0)
     s2 = run_config(cfg, stages.fracture).replace(num_workers=0)
@@ -173,8 +208,9 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
             failed.append(uid)
             continue
         guard.record((t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), models)
-        if not plan.keep_cache:
+        if not plan.keep_cache:  # the study's metadata row goes too: it is no longer cached
             layout.volume_path(prep, uid).unlink()
+            layout.study_row_json(prep, uid).unlink()
         p1s.append(p1)
         locs.append(loc)
         p2s.append(p2)
@@ -199,10 +235,9 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     else:
         log.warning("no patient head (stages.head=null): patient_overall by noisy-OR")
         wide = stage2_wide(p2, done, priors, "noisy_or")
-    platt = cfg.post.calibration == "platt"
-    calibration = load_json(layout.calibration_json(cfg), "calibration fit") if platt else None
-    ref = load_json(layout.plausibility_json(cfg), "plausibility reference")
-    wide, _ = finalise(wide, loc, priors, cfg.post, calibration, ref)
+    wide, _ = finalise(
+        wide, loc, priors, cfg.post, products.get("calibration"), products.get("plausibility")
+    )
     return write_submission(rows, wide, priors, out)
 
 
