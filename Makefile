@@ -45,8 +45,10 @@ test: $(VENV)/.installed-dev
 test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -m slow -q
 
+# Every benchmark but the seed runs (hours: python -m bench.bench_seeds --pipeline P, docs/benchmarks.md).
 bench: $(VENV)/.installed-dev
-	for b in bench/bench_*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
+	for b in $(filter-out bench/bench_seeds.py,$(wildcard bench/bench_*.py)); do \
+		echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
