@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from utils.config import ConfigError
 from utils.rsna.metric import TARGETS, VERTEBRAE, per_target_logloss
 from utils.rsna.postprocess import (
     apply_platt,
@@ -156,3 +157,32 @@ def test_each_target_is_calibrated_with_its_own_fit():
         q = pred[t].clip(1e-6, 1 - 1e-6)  # the clip of every logit taken of a probability
         x = np.log(q / (1 - q))
         np.testing.assert_allclose(out[t], 1 / (1 + np.exp(-(a * x + b))), rtol=1e-9, err_msg=t)
+
+
+def test_temperature_scales_the_logits_and_keeps_one_half_fixed():
+    pred, truth = _frames(400, 0)  # each target overconfident by x3
+    params = fit_platt(pred, truth, "temperature")
+    for t in TARGETS:
+        a, b = params[t]
+        assert b == 0.0 and a == pytest.approx(1 / 3, abs=0.12), t
+
+
+def test_platt_identity_stays_near_the_identity_on_few_studies_and_follows_many():
+    few_pred, few_truth = _frames(12, 3)
+    many_pred, many_truth = _frames(2000, 4)
+    few = fit_platt(few_pred, few_truth, "platt_identity")
+    many = fit_platt(many_pred, many_truth, "platt_identity")
+    platt = fit_platt(few_pred, few_truth, "platt")
+    def from_identity(ab):
+        return np.hypot(ab[0] - 1, ab[1])
+
+    for t in TARGETS:
+        if few_truth[t].nunique() == 2:  # the prior pulls (a, b) toward (1, 0); platt's L2 toward 0
+            assert from_identity(few[t]) < from_identity(platt[t]), t
+        assert many[t][0] == pytest.approx(1 / 3, abs=0.08), t  # the data win
+
+
+def test_unknown_calibration_is_a_config_error():
+    pred, truth = _frames(20, 0)
+    with pytest.raises(ConfigError, match="post.calibration must be one of"):
+        fit_platt(pred, truth, "isotonic")

@@ -24,13 +24,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
+from utils.config import ConfigError
 from utils.io import write_text
 from utils.rsna.metric import TARGETS, UID, VERTEBRAE
 
 log = logging.getLogger(__name__)
 EPS = 1e-6
+CALIBRATIONS = ("platt", "temperature", "platt_identity", "none")  # post.calibration
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -43,23 +46,53 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 # ---- calibration --------------------------------------------------------------------------------
-def fit_platt(wide: pd.DataFrame, truth: pd.DataFrame) -> dict[str, list[float]]:
+# Prior of the ``platt_identity`` fit: (a, b) ~ N((1, 0), IDENTITY_SD^2): with the demo's ~60
+# studies the data may move the map a little; with the real 2,019 they dominate.
+IDENTITY_SD = 0.5
+
+
+def _fit_penalised(x: np.ndarray, y: np.ndarray, with_bias: bool) -> tuple[float, float]:
+    """(a, b) minimising the summed log loss of ``sigmoid(a * x + b)``, plus the identity prior
+    when ``with_bias`` (``platt_identity``); without it b = 0 and a alone is fitted
+    (``temperature``: one scale of the logits, which keeps p = 0.5 fixed)."""
+
+    def loss(theta: np.ndarray) -> float:
+        a, b = theta[0], theta[1] if with_bias else 0.0
+        z = a * x + b
+        nll = float(np.sum(np.logaddexp(0, z) - y * z))
+        return nll + float((a - 1) ** 2 + b**2) / (2 * IDENTITY_SD**2) if with_bias else nll
+
+    theta = minimize(loss, np.array([1.0, 0.0] if with_bias else [1.0]), method="L-BFGS-B").x
+    return float(theta[0]), float(theta[1]) if with_bias else 0.0
+
+
+def fit_platt(
+    wide: pd.DataFrame, truth: pd.DataFrame, method: str = "platt"
+) -> dict[str, list[float]]:
     """Per target (a, b) of ``sigmoid(a * logit(p) + b)`` fitted on ``wide`` vs ``truth``.
 
-    Both frames: UID + the 8 targets, rows in the same order. A target with one class only keeps
-    the identity (1, 0): there is nothing to fit. A negative slope (the predictions rank these
-    studies worse than chance) is not turned into a flipped ranking: the target then gets its
-    smoothed prevalence (a = 0).
+    Both frames: UID + the 8 targets, rows in the same order. ``method``: ``platt`` (logistic
+    regression, scikit-learn's default L2 pulls the slope toward 0, i.e. toward the prevalence),
+    ``temperature`` (b = 0, one scale per target) or ``platt_identity`` (a and b pulled toward
+    the identity map, :data:`IDENTITY_SD`). A target with one class only keeps the identity
+    (1, 0): there is nothing to fit. A negative slope (the predictions rank these studies worse
+    than chance) is not turned into a flipped ranking: the target then gets its smoothed
+    prevalence (a = 0).
     """
+    if method not in CALIBRATIONS:
+        raise ConfigError(f"post.calibration must be one of {CALIBRATIONS}, got {method!r}")
     params = {}
     for t in TARGETS:
         y = truth[t].to_numpy(int)
-        if y.min() == y.max():
+        if y.min() == y.max() or method == "none":
             params[t] = [1.0, 0.0]
             continue
-        x = _logit(wide[t].to_numpy())[:, None]
-        model = LogisticRegression(C=1.0).fit(x, y)
-        a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+        x = _logit(wide[t].to_numpy())
+        if method == "platt":
+            model = LogisticRegression(C=1.0).fit(x[:, None], y)
+            a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+        else:
+            a, b = _fit_penalised(x, y, with_bias=method == "platt_identity")
         if a < 0:  # a ranking worse than chance on these studies: trust only the prevalence
             a, b = 0.0, float(_logit(np.array((y.sum() + 1) / (len(y) + 2))))
         params[t] = [a, b]
@@ -75,12 +108,14 @@ def apply_platt(wide: pd.DataFrame, params: Mapping[str, list[float]]) -> pd.Dat
     return out
 
 
-def crossfit_platt(wide: pd.DataFrame, truth: pd.DataFrame, fold: np.ndarray) -> pd.DataFrame:
+def crossfit_platt(
+    wide: pd.DataFrame, truth: pd.DataFrame, fold: np.ndarray, method: str = "platt"
+) -> pd.DataFrame:
     """OOF-honest calibration: the rows of fold k calibrated by a fit on the other folds."""
     out = wide.copy()
     for k in np.unique(fold):
         rest = fold != k
-        params = fit_platt(wide[rest], truth[rest])
+        params = fit_platt(wide[rest], truth[rest], method)
         out.loc[~rest, TARGETS] = apply_platt(wide[~rest], params)[TARGETS].to_numpy()
     return out
 

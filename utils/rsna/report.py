@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from utils import cli, paths
-from utils.config import Config, ConfigError
+from utils.config import Config
 from utils.errors import InputError
 from utils.folds import load_folds
 from utils.io import write_csv, write_text
@@ -182,14 +182,12 @@ def calibrate_oof(
 ) -> pd.DataFrame:
     """Cross-fitted calibrated OOF predictions; saves the fit on every study for test time."""
     method = cfg.post.calibration
-    if method not in ("platt", "none"):
-        raise ConfigError(f"post.calibration must be platt or none, got {method!r}")
     if method == "none":
         layout.calibration_json(cfg).unlink(missing_ok=True)  # a stale fit must not be applied
         return raw
     fold = folds.set_index(UID).loc[raw[UID], "fold"].to_numpy()
-    save_json(fit_platt(raw, truth), layout.calibration_json(cfg))
-    return crossfit_platt(raw, truth, fold)
+    save_json(fit_platt(raw, truth, method), layout.calibration_json(cfg))
+    return crossfit_platt(raw, truth, fold, method)
 
 
 def report_markdown(r: dict) -> str:

@@ -120,10 +120,10 @@ def chain_products(cfg: Config) -> dict[str, Path]:
 
     The Kaggle bundle ships exactly these (utils/rsna/kaggle_bundle.py), so the notebook runs the
     chain inference.py runs. ``priors`` is read where the data folder has no train.csv;
-    ``calibration`` with ``post.calibration: platt``; ``plausibility`` with ``post.shrink`` > 0.
+    ``calibration`` unless ``post.calibration: none``; ``plausibility`` with ``post.shrink`` > 0.
     """
     products = {"priors": layout.priors_json(cfg)}
-    if cfg.post.calibration == "platt":
+    if cfg.post.calibration != "none":
         products["calibration"] = layout.calibration_json(cfg)
     if float(cfg.post.shrink) > 0:
         products["plausibility"] = layout.plausibility_json(cfg)
