@@ -1,14 +1,15 @@
-"""Cross-style check: the trained chain on studies drawn in a style its training never saw.
+"""Shifted-data checks: the trained chain on studies unlike those it was trained on.
 
 Usage (``make demo`` runs it on the generator's ``unseen`` preset)::
 
-    python -m utils.rsna.cross_style --CFG config/rsna/patient_head.yaml --data-dir D [key=value ...]
+    python -m utils.rsna.cross_style --CFG config/rsna/patient_head.yaml --data-dir D \
+        [--name cross_style|phantom] [key=value ...]
 
 ``D`` is a test-only competition folder with its answers in ``test_labels.csv`` (train.csv
 schema). The whole test chain predicts it (intermediates in its own test folder), the submission
 is scored against the answers beside the constant train prior and 0.5 everywhere, and the result
-is added to ``cv_report.{json,md}`` under ``cross_style`` (a later CV report drops it until this
-runs again).
+is added to ``cv_report.{json,md}`` under ``--name`` (a later CV report drops it until this runs
+again).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from utils.io import write_text
 from utils.rsna import layout
 from utils.rsna.datasets import train_priors
 from utils.rsna.metric import TARGETS, UID, long_to_wide, per_target_auc, score
-from utils.rsna.report import report_markdown
+from utils.rsna.report import SHIFTED_CHECKS, report_markdown
 from utils.rsna.submit import test_chain
 
 ANSWERS = "test_labels.csv"
 
 
-def cross_style(cfg: Config, data: Path) -> dict:
-    """Score the chain on ``data`` and add the result to the CV report; returns the result."""
+def score_folder(cfg: Config, data: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The test chain on ``data`` scored against its answers: (predictions wide, truth, result)."""
     answers = data / ANSWERS
     report_path = paths.cv_report(cfg, "json")
     if not answers.is_file():
@@ -53,8 +54,15 @@ def cross_style(cfg: Config, data: Path) -> dict:
         "baseline_half": score(truth[[UID]].assign(**{t: 0.5 for t in TARGETS}), truth),
         "per_target_auc": per_target_auc(wide, truth),
     }
+    return wide, truth, result
+
+
+def cross_style(cfg: Config, data: Path, name: str = "cross_style") -> dict:
+    """Score the chain on ``data`` and add the result to the CV report under ``name``."""
+    _, _, result = score_folder(cfg, data)
+    report_path = paths.cv_report(cfg, "json")
     report = json.loads(report_path.read_text())
-    report["cross_style"] = result
+    report[name] = result
     write_text(json.dumps(report, indent=2), report_path)
     write_text(report_markdown(report), paths.cv_report(cfg, "md"))
     return result
@@ -63,11 +71,14 @@ def cross_style(cfg: Config, data: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__, cfg="config/rsna/patient_head.yaml")
     parser.add_argument("--data-dir", required=True, type=Path, help="test-only folder + answers")
+    parser.add_argument(
+        "--name", default="cross_style", choices=sorted(SHIFTED_CHECKS), help="the check's key"
+    )
     args = parser.parse_args(argv)
     with cli.running():
-        r = cross_style(cli.load(args), args.data_dir)
+        r = cross_style(cli.load(args), args.data_dir, args.name)
     print(
-        f"cross-style ({r['n_studies']} unseen-style studies): metric {r['metric']:.4f} | "
+        f"{args.name} ({r['n_studies']} studies): metric {r['metric']:.4f} | "
         f"constant prior {r['baseline_prior']:.4f} | 0.5 everywhere {r['baseline_half']:.4f}"
     )
 
