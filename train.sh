@@ -84,10 +84,13 @@ rsna() {
     "$PYTHON" inference.py --CFG config/rsna/patient_head.yaml --split test --out "$PRODUCTS/submission.csv" "${COMMON[@]}"
 
     if [ "$DATA_DIR" = "$DEMO_DIR" ]; then
-        local unseen=data/rsna_unseen
+        local unseen=data/rsna_unseen phantom=data/rsna_phantom
         step "11. cross-style check: the chain on studies of a style the demo never trained on ($unseen)"
         [ -e "$unseen/test.csv" ] || "$PYTHON" -m utils.rsna.synthetic --out "$unseen" --preset unseen --seed 0 --workers "$WORKERS" --overwrite
         "$PYTHON" -m utils.rsna.cross_style --CFG config/rsna/patient_head.yaml --data-dir "$unseen" "${COMMON[@]}"
+        step "12. independent phantom: the chain on 24 studies of a generator the project did not train on ($phantom)"
+        [ -e "$phantom/test.csv" ] || "$PYTHON" -m utils.rsna.synthetic.phantom --out "$phantom" --studies 24 --seed 2022 --size 256 --workers "$WORKERS" --overwrite
+        "$PYTHON" -m utils.rsna.cross_style --CFG config/rsna/patient_head.yaml --data-dir "$phantom" --name phantom "${COMMON[@]}"
     fi
 
     echo

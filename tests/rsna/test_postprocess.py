@@ -173,6 +173,7 @@ def test_platt_identity_stays_near_the_identity_on_few_studies_and_follows_many(
     few = fit_platt(few_pred, few_truth, "platt_identity")
     many = fit_platt(many_pred, many_truth, "platt_identity")
     platt = fit_platt(few_pred, few_truth, "platt")
+
     def from_identity(ab):
         return np.hypot(ab[0] - 1, ab[1])
 
