@@ -30,15 +30,8 @@ import torch
 
 from bench import common
 from train import train_one_epoch
-from utils import cli
+from utils import cli, engine
 from utils.config import load_config
-from utils.engine import (
-    build_optimizer,
-    make_loader,
-    needs_scaler,
-    prepare_model,
-    resolve_device,
-)
 from utils.fold_split import main as folds_main
 from utils.hipmri.folds import training_slices
 from utils.hipmri.synthetic import generate
@@ -69,18 +62,20 @@ def prepare(data: Path, output: Path, preset: str) -> list[str]:
 def throughput(ov: list[str], batches: int) -> tuple[float, float]:
     """(training slices/s, peak RSS MiB) of the demo model over ``batches`` batches."""
     cfg = load_config(STAGE, ov)
-    device = resolve_device(cfg.device)
+    device = engine.resolve_device(cfg.device)
     table = training_slices(cfg)
     ds = build_dataset(cfg, table[table["split"] == "train"], train=True)
-    model = prepare_model(build_model(cfg), cfg, device)
+    model = engine.prepare_model(build_model(cfg), cfg, device)
     loss_fn = build_loss(cfg)
-    opt, sched = build_optimizer(cfg, model, batches + 2)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(cfg, device))
+    opt, sched = engine.build_optimizer(cfg, model, batches + 2)
+    scaler = torch.amp.GradScaler(device.type, enabled=engine.needs_scaler(cfg, device))
     warm = cfg.replace(**{"train.max_train_batches": 2})
-    train_one_epoch(warm, model, make_loader(cfg, ds, True, 0), loss_fn, opt, sched, scaler, device)
+    train_one_epoch(
+        warm, model, engine.make_loader(cfg, ds, True, 0), loss_fn, opt, sched, scaler, device
+    )
     timed = cfg.replace(**{"train.max_train_batches": batches})
     t0 = time.perf_counter()
-    loader = make_loader(cfg, ds, True, 1)
+    loader = engine.make_loader(cfg, ds, True, 1)
     train_one_epoch(timed, model, loader, loss_fn, opt, sched, scaler, device)
     seconds = time.perf_counter() - t0
     return batches * cfg.train.batch_size / seconds, peak_rss_mb()

@@ -32,19 +32,10 @@ from utils import cli, paths
 from utils.config import Config
 from utils.io import write_text
 from utils.predict import read_predictions, run_config
-from utils.rsna import layout
+from utils.rsna import layout, postprocess
 from utils.rsna.cross_style import score_folder
 from utils.rsna.datasets import train_priors
 from utils.rsna.metric import TARGETS, UID, score
-from utils.rsna.postprocess import (
-    CALIBRATIONS,
-    apply_platt,
-    crossfit_platt,
-    fit_platt,
-    implausible,
-    reference,
-    shrink,
-)
 from utils.rsna.report import read_folds, stage2_wide
 
 SHRINKS = (0.0, 0.5, 1.0)
@@ -103,25 +94,27 @@ def post_processed(
 ) -> pd.DataFrame:  # fmt: skip
     """``calibrated`` after the plausibility shrink of ``factor`` (the chain's last step)."""
     post = cfg.post
-    flags = implausible(loc, uids, float(post.min_peak), tuple(post.length_range), ref)
-    return shrink(calibrated, flags, priors, factor)
+    flags = postprocess.implausible(loc, uids, float(post.min_peak), tuple(post.length_range), ref)
+    return postprocess.shrink(calibrated, flags, priors, factor)
 
 
 def study(cfg: Config, shifted: list[Path]) -> list[dict]:
     """Every (aggregator, calibration, shrink): OOF and shifted metrics."""
     oof = oof_inputs(cfg)
-    priors, ref = oof["priors"], reference(oof["loc"])
+    priors, ref = oof["priors"], postprocess.reference(oof["loc"])
     sets = {data.name: shifted_inputs(cfg, data, priors) for data in shifted}
     rows = []
-    for aggregator, method, factor in itertools.product(oof["raw"], CALIBRATIONS, SHRINKS):
+    for aggregator, method, factor in itertools.product(
+        oof["raw"], postprocess.CALIBRATIONS, SHRINKS
+    ):
         raw = oof["raw"][aggregator]
-        calibrated = crossfit_platt(raw, oof["truth"], oof["fold"], method)
+        calibrated = postprocess.crossfit_platt(raw, oof["truth"], oof["fold"], method)
         final = post_processed(cfg, oof["loc"], oof["uids"], calibrated, ref, priors, factor)
         row = {"aggregator": aggregator, "calibration": method, "shrink": factor}
         row["oof"] = score(final, oof["truth"])
-        params = fit_platt(raw, oof["truth"], method)
+        params = postprocess.fit_platt(raw, oof["truth"], method)
         for name, s in sets.items():
-            calibrated = apply_platt(s["raw"][aggregator], params)
+            calibrated = postprocess.apply_platt(s["raw"][aggregator], params)
             final = post_processed(cfg, s["loc"], s["uids"], calibrated, ref, priors, factor)
             row[name] = score(final, s["truth"])
         rows.append(row)

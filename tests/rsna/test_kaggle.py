@@ -55,10 +55,10 @@ def test_competition_folder_is_found_under_either_mount_style(tmp_path, monkeypa
     assert find_competition(tmp_path / "b") == new
     assert find_competition(tmp_path / "b", override=renamed) == renamed
     monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path / "b"))
-    assert layout.kaggle_root() == tmp_path / "b"
-    assert layout.kaggle_submission(layout.kaggle_root()) == tmp_path / "b/working/submission.csv"
+    assert layout.kaggle().input == tmp_path / "b" / "input"
+    assert layout.kaggle().submission == tmp_path / "b/working/submission.csv"
     monkeypatch.delenv("KAGGLE_ROOT")
-    assert layout.kaggle_root() == Path("/kaggle")
+    assert layout.kaggle().working == Path("/kaggle/working")
 
 
 def test_no_or_ambiguous_competition_folder_is_a_one_line_error(tmp_path):
@@ -137,7 +137,7 @@ def test_a_failing_chain_still_writes_every_row_with_its_prior(
 # ---- the notebook -------------------------------------------------------------------------------
 def kaggle_tree(root: Path, bundle: Path, competition: Path, test_images: Path, train_csv: Path):
     """A Kaggle-shaped input root: the two attached datasets and the competition folder."""
-    inputs = layout.kaggle_input(root)
+    inputs = layout.kaggle(root).input
     inputs.mkdir(parents=True)
     (inputs / kaggle_bundle.CODE_SLUG).symlink_to(bundle, target_is_directory=True)
     wheels = inputs / "datasets" / "tester" / kaggle_bundle.WHEELS_SLUG
@@ -176,7 +176,7 @@ def run_notebook(root: Path, monkeypatch, overrides: tuple[str, ...] = ()) -> st
 
 
 def read_submission(root: Path, test: pd.DataFrame) -> pd.DataFrame:
-    sub = pd.read_csv(layout.kaggle_submission(root))
+    sub = pd.read_csv(layout.kaggle(root).submission)
     validate_submission(sub, test[["row_id"]].assign(fractured=0.0))
     assert sub.row_id.tolist() == test.row_id.tolist()
     return sub
@@ -223,7 +223,7 @@ def test_notebook_on_a_full_test_csv_and_with_a_tiny_budget(
     assert not np.allclose(sub.fractured, priors)  # the studies were predicted
     assert not list((root / "working").rglob("*.npy"))  # no study cache left in working/
 
-    layout.kaggle_submission(root).unlink()
+    layout.kaggle(root).submission.unlink()
     log = run_notebook(root, monkeypatch, ("submit.budget_s=0.001",))
     sub = read_submission(root, test)
     np.testing.assert_allclose(sub.fractured, priors)
@@ -250,7 +250,7 @@ def test_notebook_submits_what_inference_py_submits(
     shutil.copy(tiny_data / "test.csv", comp / "test.csv")
     log = run_notebook(root, monkeypatch)
     assert "not applied" not in log and "chain failed" not in log
-    notebook = pd.read_csv(layout.kaggle_submission(root))
+    notebook = pd.read_csv(layout.kaggle(root).submission)
     out = tmp_path / "inference.csv"
     ov = [o for o in tiny_ov if not o.startswith("data_dir=")]
     cmd = ["--CFG", str(ROOT / "config" / "rsna" / "patient_head.yaml"), "--split", "test"]

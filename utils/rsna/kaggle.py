@@ -54,7 +54,7 @@ def find_competition(root: Path, slug: str = SLUG, override: Path | None = None)
         if not (Path(override) / "test.csv").is_file():
             raise InputError(f"--data-dir {override} has no test.csv")
         return Path(override)
-    base = layout.kaggle_input(root)
+    base = layout.kaggle(root).input
     found = sorted(
         {
             hit.parent
@@ -65,7 +65,7 @@ def find_competition(root: Path, slug: str = SLUG, override: Path | None = None)
     )
     if len(found) == 1:
         return found[0]
-    named = [p for p in reversed(layout.kaggle_competition_candidates(root, slug)) if p in found]
+    named = [p for p in reversed(layout.kaggle(root).competition_candidates(slug)) if p in found]
     if named:
         return named[0]
     raise InputError(
@@ -113,11 +113,11 @@ def submit_from_bundle(data_dir: Path | None, extra: list[str]) -> None:
             f"{manifest_path} not found: run this from a `make kaggle-bundle` code folder"
         )
     manifest = json.loads(manifest_path.read_text())
-    root = layout.kaggle_root()
-    data = find_competition(root, SLUG, data_dir)
-    output = layout.kaggle_working(root) / "output"
+    root = layout.kaggle()
+    data = find_competition(root.root, SLUG, data_dir)
+    output = root.working / "output"
     link_runs(CODE_ROOT / manifest["runs"], output)
-    out = layout.kaggle_submission(root)
+    out = root.submission
     overrides = [
         f"profile={manifest['profile']}",
         f"data_dir={data}",
@@ -125,7 +125,7 @@ def submit_from_bundle(data_dir: Path | None, extra: list[str]) -> None:
         "submit.keep_cache=false",  # the hidden test's cache would not fit in working/
         *extra,
     ]
-    log.info("input root %s, competition folder %s, submission %s", root, data, out)
+    log.info("input root %s, competition folder %s, submission %s", root.root, data, out)
     config = str(CODE_ROOT / manifest["config"])
     try:
         inference.main(["--CFG", config, "--split", "test", "--out", str(out), *overrides])

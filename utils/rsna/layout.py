@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from utils import paths
 from utils.paths import Cfg
@@ -112,30 +112,25 @@ def plausibility_json(cfg: Cfg) -> Path:
     return paths.pipeline_dir(cfg) / "plausibility.json"
 
 
-# ---- products of the report and the test-time chain, and the Kaggle notebook's paths ----------
-def kaggle_root() -> Path:
-    """The Kaggle root: ``/kaggle`` unless the environment variable ``KAGGLE_ROOT`` names another."""
-    return Path(os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
+# ---- the Kaggle notebook's folders ----------------------------------------------------------------
+class Kaggle(NamedTuple):
+    """A Kaggle notebook's folders under its root (:func:`kaggle`)."""
+
+    root: Path  # /kaggle on Kaggle
+    input: Path  # read-only inputs: competitions and attached datasets
+    working: Path  # the writable output folder
+    submission: Path  # the file a code competition scores
+
+    def competition_candidates(self, slug: str) -> list[Path]:
+        """Where Kaggle mounts competition ``slug``: ``input/<slug>`` (2022) or ``input/competitions/<slug>``."""
+        return [self.input / slug, self.input / "competitions" / slug]
 
 
-def kaggle_input(root: Path) -> Path:
-    """Read-only inputs: competitions and attached datasets."""
-    return Path(root) / "input"
-
-
-def kaggle_working(root: Path) -> Path:
-    """The writable output folder of a Kaggle notebook."""
-    return Path(root) / "working"
-
-
-def kaggle_submission(root: Path) -> Path:
-    """The file a code competition scores."""
-    return kaggle_working(root) / "submission.csv"
-
-
-def kaggle_competition_candidates(root: Path, slug: str) -> list[Path]:
-    """Where Kaggle mounts competition ``slug``: ``input/<slug>`` (2022) or ``input/competitions/<slug>``."""
-    return [kaggle_input(root) / slug, kaggle_input(root) / "competitions" / slug]
+def kaggle(root: Path | None = None) -> Kaggle:
+    """The folders of the Kaggle root ``root``; by default ``/kaggle``, or the folder the
+    environment variable ``KAGGLE_ROOT`` names (tests)."""
+    root = Path(root or os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
+    return Kaggle(root, root / "input", root / "working", root / "working" / "submission.csv")
 
 
 def bundle_manifest(code: Path) -> Path:

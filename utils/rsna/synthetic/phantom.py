@@ -74,6 +74,7 @@ import time
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import imagecodecs
@@ -422,6 +423,21 @@ def plate(
     ]
 
 
+Point = tuple[float, float, float]
+Plate = tuple[Point, Point, float, float]  # start, end, radius, height: see plate()
+
+
+def arch_side(tag: str, pedicle: Plate, pillar: tuple, lamina: Plate) -> list[Primitive]:
+    """One side (``tag``) of a C3..T4 posterior arch, in the vertebra's frame (mm): the pedicle
+    and lamina plates and the articular pillar between them (centre, half sizes, p, q: Block)."""
+    (p0, p1, p_radius, p_height), (m0, m1, m_radius, m_height) = pedicle, lamina
+    return [
+        *plate(p0, p1, p_radius, f"pedicle_{tag}", p_height),
+        Block(*pillar, f"lateral_{tag}"),
+        *plate(m0, m1, m_radius, f"lamina_{tag}", m_height),
+    ]
+
+
 def atlas(c2: Dims) -> list[Primitive]:
     """C1 around the dens of C2: no body; frame origin on the spine line at mid-height."""
     front = -(c2.b + 4.5)
@@ -503,34 +519,13 @@ def subaxial(d: Dims, bifid: bool) -> list[Primitive]:
     ]
     for sg, tag in SIDES:
         bar_tip = (sg * (d.cw + 9.0), 1.5, -1.0)
+        ped = ((sg * (d.a - 2.0), d.b - 1.5, 0.0), (sg * (d.cw + 1.5), d.b + 4.5, 0.0), 2.6, 3.0)
+        pillar = ((sg * (d.cw + 4.0), d.b + 7.0, 0.0), (4.6, 5.2, d.hh + 1.0), 2.4, 3.5)
+        lamina = ((sg * (d.cw + 2.5), d.b + 9.5, -0.5), (sg * 1.5, d.b + d.cd, -1.5), 1.9, 6.0)
+        uncinate = ((sg * (d.a - 1.5), 0.5, d.hh - 0.5), (sg * (d.a - 1.0), 1.0, d.hh + 2.2))
         prims += [
-            Capsule(
-                (sg * (d.a - 1.5), 0.5, d.hh - 0.5),
-                (sg * (d.a - 1.0), 1.0, d.hh + 2.2),
-                1.6,
-                "body",
-            ),
-            *plate(
-                (sg * (d.a - 2.0), d.b - 1.5, 0.0),
-                (sg * (d.cw + 1.5), d.b + 4.5, 0.0),
-                2.6,
-                f"pedicle_{tag}",
-                3.0,
-            ),
-            Block(
-                (sg * (d.cw + 4.0), d.b + 7.0, 0.0),
-                (4.6, 5.2, d.hh + 1.0),
-                2.4,
-                3.5,
-                f"lateral_{tag}",
-            ),
-            *plate(
-                (sg * (d.cw + 2.5), d.b + 9.5, -0.5),
-                (sg * 1.5, d.b + d.cd, -1.5),
-                1.9,
-                f"lamina_{tag}",
-                6.0,
-            ),
+            Capsule(*uncinate, 1.6, "body"),
+            *arch_side(tag, ped, pillar, lamina),
             *plate((sg * (d.a - 0.5), -1.0, 0.0), bar_tip, 1.8, f"transverse_{tag}", 2.5),
             *plate((sg * (d.cw + 4.5), d.b + 3.5, 0.0), bar_tip, 1.8, f"transverse_{tag}", 2.5),
         ]
@@ -547,28 +542,11 @@ def thoracic(d: Dims) -> list[Primitive]:
         *plate((0.0, d.b + d.cd, -3.0), end, 3.0, "spinous", 3.0),
     ]
     for sg, tag in SIDES:
+        ped = ((sg * (d.a - 3.0), d.b - 2.0, 1.0), (sg * (d.cw + 1.5), d.b + 6.0, 1.0), 3.4, 3.0)
+        pillar = ((sg * (d.cw + 3.5), d.b + 8.5, 0.0), (4.2, 5.0, d.hh + 0.5), 2.4, 3.5)
+        lamina = ((sg * (d.cw + 2.5), d.b + 10.5, -0.5), (sg * 1.5, d.b + d.cd, -3.0), 2.7, 6.0)
         prims += [
-            *plate(
-                (sg * (d.a - 3.0), d.b - 2.0, 1.0),
-                (sg * (d.cw + 1.5), d.b + 6.0, 1.0),
-                3.4,
-                f"pedicle_{tag}",
-                3.0,
-            ),
-            Block(
-                (sg * (d.cw + 3.5), d.b + 8.5, 0.0),
-                (4.2, 5.0, d.hh + 0.5),
-                2.4,
-                3.5,
-                f"lateral_{tag}",
-            ),
-            *plate(
-                (sg * (d.cw + 2.5), d.b + 10.5, -0.5),
-                (sg * 1.5, d.b + d.cd, -3.0),
-                2.7,
-                f"lamina_{tag}",
-                6.0,
-            ),
+            *arch_side(tag, ped, pillar, lamina),
             Capsule(
                 (sg * (d.cw + 3.5), d.b + 8.5, 1.0),
                 transverse_tip(d, sg),
@@ -833,14 +811,17 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))
 
 
-def draw_neck(
-    rng: np.random.Generator,
-    spine: Spine,
-    centres: dict[str, float],
-    dims: dict[str, Dims],
-    marks: Landmarks,
-) -> Neck:
+class Skeleton(NamedTuple):
+    """A patient's spine line with each level's centre (z along the line, mm) and sizes."""
+
+    spine: Spine
+    centres: dict[str, float]
+    dims: dict[str, Dims]
+
+
+def draw_neck(rng: np.random.Generator, skeleton: Skeleton, marks: Landmarks) -> Neck:
     """Skin, airway, canal and lung profiles along z from the spine line and the bones."""
+    spine, centres, dims = skeleton
     z = spine.points[::-1, 2]
     spine_x, spine_y = spine.points[::-1, 0], spine.points[::-1, 1]
 
@@ -1079,14 +1060,11 @@ def head_bones(
 
 
 def neck_bones(
-    rng: np.random.Generator,
-    spine: Spine,
-    centres: dict[str, float],
-    dims: dict[str, Dims],
-    bone: Bone,
+    rng: np.random.Generator, skeleton: Skeleton, bone: Bone
 ) -> tuple[list[Solid], float]:
     """Hyoid (C3), thyroid cartilage (C5), manubrium and clavicles (T2), ribs of T1..T3, and the
     depth of the chest wall they need (mm in front of the spine line)."""
+    spine, centres, dims = skeleton
     solids = []
     o3, a3 = spine.frame(centres["C3"] + 4.0)
     b3 = dims["C3"].b
@@ -1439,7 +1417,7 @@ def plan_study(index: int, seed: int, uid: str, split: str, card: Card, size: in
         name: vertebra_solid(name, spine, centres[name], prims[name], bone, rng) for name in LEVELS
     }
     head, marks = head_bones(rng, spine, bone, dims["C2"])
-    neck_solids, chest = neck_bones(rng, spine, centres, dims, bone)
+    neck_solids, chest = neck_bones(rng, Skeleton(spine, centres, dims), bone)
     extents = {name: z_extent(solid) for name, solid in vertebrae.items()}
     z_top, z_bottom, thickness, spacing = draw_field(rng, card, extents, marks["skull_z"])
     acquisition = draw_acquisition(rng, card, size, spine, z_top, z_bottom, thickness, spacing)
@@ -1475,7 +1453,7 @@ def plan_study(index: int, seed: int, uid: str, split: str, card: Card, size: in
                 )
             )
         )
-    neck = draw_neck(rng, spine, centres, dims, Landmarks(**marks, chest=chest))
+    neck = draw_neck(rng, Skeleton(spine, centres, dims), Landmarks(**marks, chest=chest))
     encodings = SYNTAX_ENCODINGS[card.syntax]
     return StudyPlan(
         index=index,
