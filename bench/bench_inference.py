@@ -92,7 +92,15 @@ QUICK_FULL = {
 # Every vertebra gets a sequence from untrained stage-1 outputs (see the module docstring), and
 # no loader workers: after ensure_cached has resized 512 -> 384 px with OpenCV in this process,
 # forked workers hang in utils.seed.worker_init_fn's cv2.setNumThreads(1).
-RUNTIME = ("localize.vert_thresh=0.0", "localize.ordered=false", "num_workers=0")
+# Untrained runs and no CV report: every slice a vertebra, the head as it is, no post-processing.
+RUNTIME = (
+    "localize.vert_thresh=0.0",
+    "localize.ordered=false",
+    "num_workers=0",
+    "post.patient=head",
+    "post.calibration=none",
+    "post.shrink=0",
+)
 
 
 def make_test_data(root: Path, n_slices: int, size: int) -> str:

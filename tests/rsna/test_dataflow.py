@@ -22,7 +22,7 @@ import train
 from tests.conftest import preprocess
 from tests.rsna.conftest import tiny_overrides
 from utils import paths
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 from utils.folds import load_folds
 from utils.predict import load_models, predict_frame, run_config
 from utils.registry import build_loss
@@ -39,6 +39,7 @@ from utils.rsna.dicom import window
 from utils.rsna.localize import main as stage2_labels_main
 from utils.rsna.metric import TARGETS, per_target_logloss, score
 from utils.rsna.postprocess import crossfit_platt, fit_platt, implausible, reference, shrink
+from utils.rsna.report import choose_patient_level, cv_report, stage2_wide
 from utils.rsna.submit import read_test_rows, studies_to_predict, write_submission
 from utils.rsna.synthetic.generator import PRESETS, StudySpec, write_study
 from utils.rsna.synthetic.writers import write_slice
@@ -390,7 +391,8 @@ def runs(tiny_data, tiny_output, tmp_path_factory):
     out = tmp_path_factory.mktemp("dataflow_out")
     shutil.copytree(tiny_output / "rsna" / "prep", out / "rsna" / "prep")
     shutil.copy(tiny_output / "rsna" / "folds.csv", out / "rsna" / "folds.csv")
-    ov = [*tiny_overrides(tiny_data, out), "localize.vert_thresh=0.001"]
+    # post.patient=head: these tests follow the head's output through the report (auto: below)
+    ov = [*tiny_overrides(tiny_data, out), "localize.vert_thresh=0.001", "post.patient=head"]
     train.main(["--CFG", "config/rsna/stage1_vertebra.yaml", *ov])
     inference.main(["--CFG", "config/rsna/stage1_vertebra.yaml", "--split", "oof", *ov])
     stage2_labels_main(["--CFG", "config/rsna/stage2_fracture.yaml", *ov])
@@ -527,3 +529,36 @@ def test_cv_report_oof_file_is_the_calibrated_and_checked_head_output(runs):
     assert saved.keys() == fit.keys()
     for t in TARGETS:
         assert saved[t] == pytest.approx(fit[t]), t
+
+
+def test_auto_patient_level_is_the_one_of_lower_oof_metric_and_the_chain_reads_it(runs):
+    """post.patient=auto: the CV report scores the head and noisy-OR the same way (cross-fitted
+    calibration, shrink), keeps the lower, and saves it and its calibration for the chain."""
+    cfg = runs["patient_head"].replace(**{"post.patient": "auto"})
+    report = cv_report(cfg)
+    scores = report["patient_level"]["oof_metric"]
+    assert set(scores) == {"head", "noisy_or"}
+    chosen = min(scores, key=scores.get)
+    assert report["patient_level"]["chosen"] == chosen
+    assert report["oof_metric"] == pytest.approx(scores[chosen], rel=1e-12)
+    saved = json.loads(layout.patient_level_json(cfg).read_text())
+    assert saved["patient_level"] == chosen
+    stage2 = pd.read_csv(paths.preds_csv(cfg, cfg.stages.fracture), dtype={"StudyInstanceUID": str})
+    truth = pd.read_csv(layout.labels_csv(cfg.data_dir), dtype={"StudyInstanceUID": str})
+    uids = sorted(_folds(cfg).StudyInstanceUID)
+    truth = truth.set_index("StudyInstanceUID").loc[uids].reset_index()
+    raw = (
+        {
+            "head": pd.read_csv(paths.preds_csv(cfg), dtype={"StudyInstanceUID": str}),
+            "noisy_or": stage2_wide(stage2, uids, train_priors(cfg), "noisy_or"),
+        }[chosen]
+        .set_index("StudyInstanceUID")
+        .loc[uids, TARGETS]
+        .reset_index()
+    )
+    fit = fit_platt(raw, truth)
+    calibration = json.loads(layout.calibration_json(cfg).read_text())
+    for t in TARGETS:
+        assert calibration[t] == pytest.approx(fit[t]), t
+    with pytest.raises(ConfigError, match="post.patient=head: no OOF predictions"):
+        choose_patient_level("head", {"noisy_or": 0.3})

@@ -69,7 +69,11 @@ def test_stage2_and_cv_report(tiny_head, tiny_output):
         "n_studies",
     ):
         assert key in report
-    assert report["model"] == "stage 2 + patient head"
+    chosen = json.loads((tiny_output / "rsna" / "patient_level.json").read_text())["patient_level"]
+    assert (
+        report["model"]
+        == {"head": "stage 2 + patient head", "noisy_or": "stage 2 + noisy-OR"}[chosen]
+    )
     assert report["n_studies"] == len(pd.read_csv(tiny_output / "rsna" / "folds.csv"))
     assert np.isfinite(report["oof_metric"]) and 0 < report["baseline_prior"] < 1
     assert (

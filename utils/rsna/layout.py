@@ -107,6 +107,11 @@ def calibration_json(cfg: Cfg) -> Path:
     return paths.pipeline_dir(cfg) / "calibration.json"
 
 
+def patient_level_json(cfg: Cfg) -> Path:
+    """Which patient level (head | noisy_or) the CV report chose for the test chain, and why."""
+    return paths.pipeline_dir(cfg) / "patient_level.json"
+
+
 def plausibility_json(cfg: Cfg) -> Path:
     """Per-vertebra reference of the OOF localisation (utils/rsna/postprocess.reference)."""
     return paths.pipeline_dir(cfg) / "plausibility.json"

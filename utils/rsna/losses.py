@@ -22,17 +22,39 @@ class BoxRatioLoss(nn.Module):
     so L1 is minimised by predicting 0 and its gradient through a saturated sigmoid vanishes: on
     the demo data it never left that state, while BCE keeps a gradient (p - y) and learns.
     Targets: ``batch["box"]`` (B, 4) normalised, ``batch["ratios"]`` (B, 7), ``batch["vertebrae"]`` (B,).
+    ``ratio_pos_weight`` (7,): BCE weight of each vertebra's positive term (None: 1 for all), for a
+    vertebra that few slices show (C1 spans a third of the slices of the others).
     """
 
-    def __init__(self, box_weight: float = 0.5, ratio_weight: float = 0.5, ratio_loss: str = "bce"):
+    def __init__(
+        self,
+        box_weight: float = 0.5,
+        ratio_weight: float = 0.5,
+        ratio_loss: str = "bce",
+        ratio_pos_weight: list[float] | None = None,
+    ):
         super().__init__()
         if ratio_loss not in ("bce", "l1"):
             raise ValueError(f"ratio_loss must be 'bce' or 'l1', got {ratio_loss!r}")
         self.box_weight, self.ratio_weight, self.ratio_loss = box_weight, ratio_weight, ratio_loss
+        weight = (
+            None
+            if ratio_pos_weight is None
+            else torch.tensor(ratio_pos_weight, dtype=torch.float32)
+        )
+        if weight is not None and weight.shape != (7,):
+            raise ValueError(f"ratio_pos_weight needs 7 values (C1..C7), got {ratio_pos_weight}")
+        self.register_buffer("pos_weight", weight, persistent=False)
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ratio_loss == "bce":
-            ratio = F.binary_cross_entropy_with_logits(out["ratio_logits"], batch["ratios"])
+            ratio = F.binary_cross_entropy_with_logits(
+                out["ratio_logits"],
+                batch["ratios"],
+                pos_weight=None
+                if self.pos_weight is None
+                else self.pos_weight.to(out["ratio_logits"].device),
+            )
         else:
             ratio = F.l1_loss(out["ratios"], batch["ratios"])
         has_box = batch["vertebrae"] > 0

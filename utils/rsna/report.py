@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from utils import cli, paths
-from utils.config import Config
+from utils.config import Config, ConfigError
 from utils.errors import InputError
 from utils.folds import load_folds
 from utils.io import write_csv, write_text
@@ -48,6 +48,8 @@ from utils.rsna.postprocess import (
 log = logging.getLogger(__name__)
 # Checks of the trained chain on data unlike its training set (utils/rsna/cross_style.py): the
 # key under which each lands in the CV report, and what its studies are.
+# How patient_overall is made from the seven stage-2 vertebra logits (post.patient).
+PATIENT_LEVELS = {"head": "patient head", "noisy_or": "noisy-OR"}
 SHIFTED_CHECKS = {
     "cross_style": "a generator style the demo never trained on",
     "phantom": "an independent phantom generator (other anatomy, fields of view, fractures)",
@@ -141,22 +143,29 @@ def cv_report(cfg: Config) -> dict:
         "max": stage2_wide(stage2, uids, priors, "max"),
     }
     preds["prior"] = pd.DataFrame({"StudyInstanceUID": uids, **{t: priors[t] for t in TARGETS}})
-    model = "stage 2 + noisy-OR"
     head = head_predictions(cfg, stage2_path)
     if head is not None:
         preds["head"] = head[[UID, *TARGETS]]
-        model = "stage 2 + patient head"
-    raw = preds.get("head", preds["noisy_or"])
-    raw = raw.set_index("StudyInstanceUID").loc[uids].reset_index()
-    calibrated = calibrate_oof(cfg, raw, truth, folds)
     loc = pd.read_csv(layout.stage2_labels_csv(cfg, "oof"), dtype={UID: str})
     post = cfg.post
     ref = reference(loc)
     save_json(ref, layout.plausibility_json(cfg))
     flags = implausible(loc, uids, float(post.min_peak), tuple(post.length_range), ref)
-    final = shrink(calibrated, flags, priors, float(post.shrink))
+    fold = folds.set_index(UID).loc[uids, "fold"].to_numpy()
+    candidates = {  # patient level -> (raw, calibrated, final) OOF predictions
+        level: post_process_oof(cfg, preds[level], uids, truth, fold, flags, priors)
+        for level in PATIENT_LEVELS
+        if level in preds
+    }
+    scores = {level: score(final, truth) for level, (_, _, final) in candidates.items()}
+    level = choose_patient_level(post.patient, scores)
+    save_json({"patient_level": level, "oof_metric": scores}, layout.patient_level_json(cfg))
+    raw, calibrated, final = candidates[level]
+    save_calibration(cfg, raw, truth)
+    model = f"stage 2 + {PATIENT_LEVELS[level]}"
     report = {
         "model": model,
+        "patient_level": {"chosen": level, "by": post.patient, "oof_metric": scores},
         "oof_metric": score(final, truth),
         "oof_metric_global": score(final, truth, per_study=False),
         "oof_metric_raw": score(raw, truth),
@@ -183,17 +192,46 @@ def cv_report(cfg: Config) -> dict:
     return report
 
 
-def calibrate_oof(
-    cfg: Config, raw: pd.DataFrame, truth: pd.DataFrame, folds: pd.DataFrame
-) -> pd.DataFrame:
-    """Cross-fitted calibrated OOF predictions; saves the fit on every study for test time."""
+def post_process_oof(
+    cfg: Config,
+    wide: pd.DataFrame,
+    uids: list[str],
+    truth: pd.DataFrame,
+    fold: np.ndarray,
+    flags: pd.DataFrame,
+    priors: dict[str, float],
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(raw, calibrated, final) OOF predictions of one patient level, rows in ``uids`` order.
+
+    Calibration is cross-fitted (fold k by the other folds' fit), then the flagged studies are
+    shrunk toward the prior: what the test chain does, without fitting on the rows it scores.
+    """
+    raw = wide.set_index(UID).loc[uids].reset_index()
+    method = cfg.post.calibration
+    calibrated = raw if method == "none" else crossfit_platt(raw, truth, fold, method)
+    return raw, calibrated, shrink(calibrated, flags, priors, float(cfg.post.shrink))
+
+
+def choose_patient_level(setting: str, scores: dict[str, float]) -> str:
+    """``post.patient``: the named level, or with ``auto`` the one of lower OOF metric."""
+    if setting == "auto":
+        return min(scores, key=scores.get)
+    if setting not in scores:
+        raise ConfigError(
+            f"post.patient={setting}: no OOF predictions of it (have {sorted(scores)}); "
+            "train the patient head and run its OOF pass, or use auto"
+        )
+    return setting
+
+
+def save_calibration(cfg: Config, raw: pd.DataFrame, truth: pd.DataFrame) -> None:
+    """The calibration fit on every OOF study, which the test chain applies (none: removed, so
+    a stale fit cannot be applied)."""
     method = cfg.post.calibration
     if method == "none":
-        layout.calibration_json(cfg).unlink(missing_ok=True)  # a stale fit must not be applied
-        return raw
-    fold = folds.set_index(UID).loc[raw[UID], "fold"].to_numpy()
+        layout.calibration_json(cfg).unlink(missing_ok=True)
+        return
     save_json(fit_platt(raw, truth, method), layout.calibration_json(cfg))
-    return crossfit_platt(raw, truth, fold, method)
 
 
 def report_markdown(r: dict) -> str:

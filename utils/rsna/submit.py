@@ -120,9 +120,12 @@ def chain_products(cfg: Config) -> dict[str, Path]:
 
     The Kaggle bundle ships exactly these (utils/rsna/kaggle_bundle.py), so the notebook runs the
     chain inference.py runs. ``priors`` is read where the data folder has no train.csv;
+    ``patient level`` with ``post.patient: auto`` (the head or noisy-OR, as the report chose);
     ``calibration`` unless ``post.calibration: none``; ``plausibility`` with ``post.shrink`` > 0.
     """
     products = {"priors": layout.priors_json(cfg)}
+    if cfg.post.patient == "auto":
+        products["patient level"] = layout.patient_level_json(cfg)
     if cfg.post.calibration != "none":
         products["calibration"] = layout.calibration_json(cfg)
     if float(cfg.post.shrink) > 0:
@@ -131,7 +134,7 @@ def chain_products(cfg: Config) -> dict[str, Path]:
 
 
 def read_products(cfg: Config) -> dict[str, Any]:
-    """The calibration fit and plausibility reference the chain is configured to apply.
+    """The patient level, calibration fit and plausibility reference the chain applies.
 
     A missing one stops the chain with one line (a chain without it would submit other numbers
     than the CV report scored); the priors are read by ``train_priors``.
@@ -141,10 +144,16 @@ def read_products(cfg: Config) -> dict[str, Any]:
     if missing:
         raise InputError(
             f"the test-time chain is configured to apply {', '.join(missing)}, which the CV report "
-            "writes: run inference.py --split oof on the last stage first, or set "
-            "post.calibration=none / post.shrink=0"
+            "writes: run inference.py --split oof on the last stage first"
         )
     return {k: json.loads(p.read_text()) for k, p in wanted.items()}
+
+
+def patient_level(cfg: Config, products: dict[str, Any]) -> str:
+    """``head`` or ``noisy_or``: ``post.patient``, or with ``auto`` what the CV report chose."""
+    if cfg.post.patient == "auto":
+        return products["patient level"]["patient_level"]
+    return cfg.post.patient
 
 
 def submit(cfg: Config, out: Path | None) -> Path:
@@ -228,12 +237,11 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     priors = train_priors(cfg)
     if not done:  # nothing predicted: every row takes its prior in write_submission
         wide = pd.DataFrame(columns=[UID, *TARGETS])
-    elif stages.head:
+    elif patient_level(cfg, products) == "head":
         head = run_config(cfg, stages.head)
         table = study_logit_table(p2, priors, done)
         wide = predict_frame(head, load_models(head).values(), table)
-    else:
-        log.warning("no patient head (stages.head=null): patient_overall by noisy-OR")
+    else:  # the CV report found noisy-OR better (or there is no head): patient_level.json
         wide = stage2_wide(p2, done, priors, "noisy_or")
     wide, _ = finalise(
         wide, loc, priors, cfg.post, products.get("calibration"), products.get("plausibility")
