@@ -346,6 +346,28 @@ def test_stage1_z_jitter_only_in_training_and_within_its_range(tmp_path):
 
 
 # ---- fault 7: the losses against the metric they stand for ----------------------------------------
+def test_stage1_ratio_weights_scale_each_vertebras_positive_term(tiny_cfg):
+    """ratio_pos_weight multiplies the positive BCE term of its own vertebra (by position C1..C7)
+    and nothing else; without it the loss is the plain soft-target BCE."""
+    torch.manual_seed(0)
+    out = {"ratio_logits": torch.randn(6, 7), "box": torch.rand(6, 4)}
+    batch = {"ratios": torch.rand(6, 7), "box": torch.rand(6, 4), "vertebrae": torch.ones(6)}
+    plain = build_loss(tiny_cfg("stage1_vertebra", "loss.params.box_weight=0"))
+    weights = [4.0, 1, 1, 1, 1, 1, 2.0]
+    weighted = build_loss(
+        tiny_cfg(
+            "stage1_vertebra", "loss.params.box_weight=0", f"loss.params.ratio_pos_weight={weights}"
+        )
+    )
+    x, y = out["ratio_logits"], batch["ratios"]
+    pos, neg = -y * torch.nn.functional.logsigmoid(x), -(1 - y) * torch.nn.functional.logsigmoid(-x)
+    ratio_weight = tiny_cfg("stage1_vertebra").loss.params.ratio_weight
+    expected_plain = ratio_weight * (pos + neg).mean()
+    expected = ratio_weight * (torch.tensor(weights) * pos + neg).mean()
+    torch.testing.assert_close(plain(out, batch), expected_plain)
+    torch.testing.assert_close(weighted(out, batch), expected)
+
+
 def test_competition_loss_equals_the_per_study_competition_metric(tiny_cfg):
     loss = build_loss(tiny_cfg("patient_head"))
     rng = np.random.default_rng(7)
