@@ -115,6 +115,20 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, floa
     return out
 
 
+def ranking(summary: dict[str, dict[str, float]], suffix: str) -> str:
+    """The ``*<suffix>`` metrics (one per compared model) in order of their mean; a gap no larger
+    than the larger of the two sds is called a tie, not a ranking."""
+    rows = sorted(
+        ((k.removesuffix(suffix), v) for k, v in summary.items() if k.endswith(suffix)),
+        key=lambda kv: -kv[1]["mean"],
+    )
+    parts = [rows[0][0]] if rows else []
+    for (_, a), (name, b) in zip(rows, rows[1:], strict=False):
+        gap, sd = a["mean"] - b["mean"], max(a["sd"], b["sd"])
+        parts.append(f"{'>' if gap > sd else '~'} {name}")
+    return " ".join(parts)
+
+
 def markdown(pipeline: str, result: dict) -> str:
     seeds = list(result["per_seed"])
     lines = [
@@ -130,6 +144,11 @@ def markdown(pipeline: str, result: dict) -> str:
         cells = [result["per_seed"][s].get(name) for s in seeds]
         shown = " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells)
         lines.append(f"| {name} | {stats['mean']:.4f} ± {stats['sd']:.4f} | {shown} |")
+    if pipeline == "pancreas":  # the three trainers: ranked only where the gap exceeds the sd
+        lines += [
+            "",
+            f"Macro-F1 ranking (> gap above the sd, ~ a tie): {ranking(result['summary'], '_macro_f1')}",
+        ]
     return "\n".join(lines) + "\n"
 
 
