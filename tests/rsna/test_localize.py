@@ -45,6 +45,18 @@ def test_localize_known_ranges_and_box():
     np.testing.assert_allclose(c1[["x0", "y0", "x1", "y1"]].astype(float), [0.27, 0.15, 0.63, 0.75])
 
 
+def test_c2_range_covers_c1_whose_ring_its_dens_crosses():
+    """Ordered decoding gives a slice one vertebra; C2's range takes C1's slices back, the other
+    ranges stay as decoded (and the unordered decoding leaves C2 alone)."""
+    preds = _preds("s", 30, {"C1": (2, 6), "C2": (7, 12), "C3": (14, 18)})
+    ranges = localize(preds, smooth=1, vert_thresh=0.5, box_margin=0.1).set_index("vertebra")
+    assert ranges.loc["C1", ["start", "end"]].tolist() == [2, 6]
+    assert ranges.loc["C2", ["start", "end", "n_slices"]].tolist() == [2, 12, 11]
+    assert ranges.loc["C3", ["start", "end"]].tolist() == [14, 18]
+    plain = localize(preds, smooth=1, vert_thresh=0.5, box_margin=0.1, ordered=False)
+    assert plain.set_index("vertebra").loc["C2", ["start", "end"]].tolist() == [7, 12]
+
+
 def test_smoothing_removes_single_slice_spikes_and_box_is_clipped():
     preds = _preds("s", 20, {"C3": (5, 12)}, box=(0.0, 0.0, 1.0, 1.0))
     preds.loc[17, "C3"] = 1.0  # isolated spike

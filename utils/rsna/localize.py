@@ -101,8 +101,9 @@ def localize_study(
 
     ``pred``: columns ``slice``, x0, y0, x1, y1, C1..C7 (normalised box, ratios in [0, 1]).
     Ratios are smoothed along z (centred rolling mean of ``smooth`` slices). A vertebra's range is
-    its run in the ordered decoding (``ordered``; see :func:`ordered_labels`) or else the longest
-    run of slices whose ratio exceeds ``thresh``. ``thresh <= 0`` means every slice belongs to
+    its run in the ordered decoding (``ordered``; see :func:`ordered_labels`; C2's range then
+    also covers C1's, which its dens crosses) or else the longest run of slices whose ratio
+    exceeds ``thresh``. ``thresh <= 0`` means every slice belongs to
     every vertebra (each gets the whole study; the ordered decoding, which gives a slice one
     vertebra at most, would leave some without slices). The study box spans the 5-95 % quantiles of the
     boxes predicted on slices assigned to any vertebra, widened by ``margin`` of its size on each
@@ -129,9 +130,13 @@ def localize_study(
     x1, y1 = np.quantile(boxes[:, 2], 0.95), np.quantile(boxes[:, 3], 0.95)
     dx, dy = margin * max(x1 - x0, 1e-3), margin * max(y1 - y0, 1e-3)
     box = np.clip([x0 - dx, y0 - dy, x1 + dx, y1 + dy], 0.0, 1.0)
+    runs = [longest_run(mask) for mask in masks]
+    if ordered and thresh > 0 and runs[0] and runs[1]:
+        # The dens of C2 rises through the ring of C1, so the slices of C1 show C2 too; the
+        # ordered decoding gives a slice one vertebra only, so C2's range takes C1's back.
+        runs[1] = (min(runs[0][0], runs[1][0]), runs[1][1])
     rows = []
-    for i, (v, mask) in enumerate(zip(VERTEBRAE, masks, strict=True)):
-        run = longest_run(mask)
+    for i, (v, run) in enumerate(zip(VERTEBRAE, runs, strict=True)):
         if run is not None:
             peak = float(ratios[run[0] : run[1] + 1, i].max())
             rows.append(
