@@ -36,7 +36,7 @@ from utils.rsna import layout, postprocess
 from utils.rsna.cross_style import score_folder
 from utils.rsna.datasets import train_priors
 from utils.rsna.metric import TARGETS, UID, score
-from utils.rsna.report import read_folds, stage2_wide
+from utils.rsna.report import post_process_oof, read_folds, stage2_wide
 
 SHRINKS = (0.0, 0.5, 1.0)
 RAW = ["post.calibration=none", "post.shrink=0"]  # the chain's output before post-processing
@@ -88,34 +88,30 @@ def shifted_inputs(cfg: Config, data: Path, priors: dict[str, float]) -> dict:
     }
 
 
-def post_processed(
-    cfg: Config, loc: pd.DataFrame, uids: list[str], calibrated: pd.DataFrame,
-    ref: dict, priors: dict[str, float], factor: float,
-) -> pd.DataFrame:  # fmt: skip
-    """``calibrated`` after the plausibility shrink of ``factor`` (the chain's last step)."""
-    post = cfg.post
-    flags = postprocess.implausible(loc, uids, float(post.min_peak), tuple(post.length_range), ref)
-    return postprocess.shrink(calibrated, flags, priors, factor)
-
-
 def study(cfg: Config, shifted: list[Path]) -> list[dict]:
-    """Every (aggregator, calibration, shrink): OOF and shifted metrics."""
+    """Every (patient level, calibration, shrink): OOF and shifted metrics, through the report's
+    and the chain's own post-processing functions."""
     oof = oof_inputs(cfg)
     priors, ref = oof["priors"], postprocess.reference(oof["loc"])
+    post = cfg.post
+    flags = postprocess.implausible(
+        oof["loc"], oof["uids"], float(post.min_peak), tuple(post.length_range), ref
+    )
     sets = {data.name: shifted_inputs(cfg, data, priors) for data in shifted}
     rows = []
-    for aggregator, method, factor in itertools.product(
-        oof["raw"], postprocess.CALIBRATIONS, SHRINKS
-    ):
-        raw = oof["raw"][aggregator]
-        calibrated = postprocess.crossfit_platt(raw, oof["truth"], oof["fold"], method)
-        final = post_processed(cfg, oof["loc"], oof["uids"], calibrated, ref, priors, factor)
-        row = {"aggregator": aggregator, "calibration": method, "shrink": factor}
+    for level, method, factor in itertools.product(oof["raw"], postprocess.CALIBRATIONS, SHRINKS):
+        variant = cfg.replace(**{"post.calibration": method, "post.shrink": factor})
+        raw = oof["raw"][level]
+        _, _, final = post_process_oof(
+            variant, raw, oof["uids"], oof["truth"], oof["fold"], flags, priors
+        )
+        row = {"aggregator": level, "calibration": method, "shrink": factor}
         row["oof"] = score(final, oof["truth"])
-        params = postprocess.fit_platt(raw, oof["truth"], method)
+        fit = None if method == "none" else postprocess.fit_platt(raw, oof["truth"], method)
         for name, s in sets.items():
-            calibrated = postprocess.apply_platt(s["raw"][aggregator], params)
-            final = post_processed(cfg, s["loc"], s["uids"], calibrated, ref, priors, factor)
+            final, _ = postprocess.finalise(
+                s["raw"][level], s["loc"], priors, variant.post, fit, ref
+            )
             row[name] = score(final, s["truth"])
         rows.append(row)
     baselines = {"aggregator": "constant prior", "calibration": "-", "shrink": None}
