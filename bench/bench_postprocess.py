@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``make demo`` or a full run)::
 
     python -m bench.bench_postprocess --CFG config/rsna/patient_head.yaml \\
-        --shifted data/rsna_unseen data/rsna_phantom [key=value ...]
+        --shifted data/rsna_unseen --shifted data/rsna_phantom [key=value ...]
 
 The trained chain predicts each shifted folder once with post-processing off (raw patient-head
 output, stage-2 logits, localisation); then every combination of
@@ -39,7 +39,11 @@ from utils.rsna.metric import TARGETS, UID, score
 from utils.rsna.report import post_process_oof, read_folds, stage2_wide
 
 SHRINKS = (0.0, 0.5, 1.0)
-RAW = ["post.calibration=none", "post.shrink=0"]  # the chain's output before post-processing
+RAW = [
+    "post.calibration=none",
+    "post.shrink=0",
+    "post.patient=head",
+]  # the chain before post-processing
 
 
 def aligned(wide: pd.DataFrame, uids: list[str]) -> pd.DataFrame:
@@ -135,7 +139,9 @@ def markdown(rows: list[dict], sets: list[str], note: str) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = cli.parser(__doc__, cfg="config/rsna/patient_head.yaml")
-    parser.add_argument("--shifted", type=Path, nargs="+", required=True, help="folders + answers")
+    parser.add_argument(
+        "--shifted", type=Path, action="append", required=True, help="a folder + answers (repeat)"
+    )
     args, load_start = common.start(parser, argv)
     with cli.running():
         cfg = cli.load(args)
