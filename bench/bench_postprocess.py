@@ -10,7 +10,7 @@ output, stage-2 logits, localisation); then every combination of
 
 - patient level: the learned head or the noisy-OR of the stage-2 probabilities,
 - calibration: ``post.calibration`` methods (utils/rsna/postprocess.py CALIBRATIONS),
-- plausibility shrink: ``post.shrink`` in {0, 0.5, 1},
+- plausibility shrink: ``post.shrink`` in {0, 0.5, 0.75, 1},
 
 is scored on the cross-fitted OOF predictions (the calibration of fold k fitted on the other
 folds, as the CV report does) and on each shifted folder (the calibration fitted on every OOF
@@ -38,7 +38,7 @@ from utils.rsna.datasets import train_priors
 from utils.rsna.metric import TARGETS, UID, score
 from utils.rsna.report import post_process_oof, read_folds, stage2_wide
 
-SHRINKS = (0.0, 0.5, 1.0)
+SHRINKS = (0.0, 0.5, 0.75, 1.0)
 RAW = [
     "post.calibration=none",
     "post.shrink=0",

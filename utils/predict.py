@@ -18,7 +18,7 @@ import torch
 
 from utils import paths
 from utils.checkpoint import load_checkpoint
-from utils.config import Config, runtime_keys
+from utils.config import Config, runtime_keys, thaw
 from utils.engine import (
     batch_size_of,
     make_loader,
@@ -40,9 +40,15 @@ def trained_folds(cfg: Config, exp: str | None = None) -> list[int]:
 
 
 def run_config(cfg: Config, exp: str | None = None) -> Config:
-    """The resolved config ``exp`` was trained with, with the caller's ``call`` runtime keys
-    (where data, runs and devices are: utils/config.runtime_keys)."""
+    """The resolved config ``exp`` was trained with, with the caller's runtime keys.
+
+    Always the ``call`` keys (where data, runs and devices are: utils/config.runtime_keys); for the
+    caller's own stage (``exp`` None or its exp_name) its ``run`` keys too, so an override of a
+    report or post-processing key on the command line applies. An upstream stage keeps the
+    ``run`` keys it was trained with.
+    """
     exp = exp or cfg["exp_name"]
+    scopes = ("call", "run") if exp == cfg["exp_name"] else ("call",)
     folds = trained_folds(cfg, exp)
     if not folds:
         raise InputError(
@@ -54,7 +60,8 @@ def run_config(cfg: Config, exp: str | None = None) -> Config:
             "config"
         ]
     )
-    return saved.replace(**{k: cfg.get(k) for k in runtime_keys(cfg, "call")})
+    keys = [k for scope in scopes for k in runtime_keys(cfg, scope)]
+    return saved.replace(**{k: thaw(cfg.get(k)) for k in keys})
 
 
 def load_models(cfg: Config, folds: Iterable[int] | None = None) -> dict[int, torch.nn.Module]:

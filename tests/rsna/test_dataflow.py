@@ -22,7 +22,7 @@ import train
 from tests.conftest import preprocess
 from tests.rsna.conftest import tiny_overrides
 from utils import paths
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.folds import load_folds
 from utils.predict import load_models, predict_frame, run_config
 from utils.registry import build_loss
@@ -582,5 +582,15 @@ def test_auto_patient_level_is_the_one_of_lower_oof_metric_and_the_chain_reads_i
     calibration = json.loads(layout.calibration_json(cfg).read_text())
     for t in TARGETS:
         assert calibration[t] == pytest.approx(fit[t]), t
-    with pytest.raises(ConfigError, match="post.patient=head: no OOF predictions"):
-        choose_patient_level("head", {"noisy_or": 0.3})
+    # The stage-2 pass reports before the head exists: a named level falls back to what there is.
+    assert choose_patient_level("head", {"noisy_or": 0.3}) == "noisy_or"
+
+
+def test_a_stage_takes_the_callers_runtime_keys_and_an_upstream_stage_keeps_its_own(runs):
+    """inference.py's own stage applies a command-line post/report override; upstream stages do not."""
+    head = runs["patient_head"].replace(**{"post.shrink": 0.9, "post.patient": "noisy_or"})
+    own = run_config(head)
+    assert (own.post.shrink, own.post.patient) == (0.9, "noisy_or")
+    upstream = run_config(head, head.stages.fracture)
+    assert upstream.post.shrink == runs["stage2_fracture"].post.shrink != 0.9
+    assert upstream.output_dir == head.output_dir  # call keys reach every stage

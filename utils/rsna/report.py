@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from utils import cli, paths
-from utils.config import Config, ConfigError
+from utils.config import Config
 from utils.errors import InputError
 from utils.folds import load_folds
 from utils.io import write_csv, write_text
@@ -213,15 +213,22 @@ def post_process_oof(
 
 
 def choose_patient_level(setting: str, scores: dict[str, float]) -> str:
-    """``post.patient``: the named level, or with ``auto`` the one of lower OOF metric."""
-    if setting == "auto":
-        return min(scores, key=scores.get)
-    if setting not in scores:
-        raise ConfigError(
-            f"post.patient={setting}: no OOF predictions of it (have {sorted(scores)}); "
-            "train the patient head and run its OOF pass, or use auto"
+    """``post.patient``: the named level, or with ``auto`` the one of lower OOF metric.
+
+    A named level without OOF predictions yet (the stage-2 pass reports before the head is
+    trained) falls back to the best one there is, with a warning; the head's own OOF pass
+    reports again.
+    """
+    if setting in scores:
+        return setting
+    if setting != "auto":
+        log.warning(
+            "post.patient=%s: no OOF predictions of it yet (have %s): this report scores the "
+            "best of those; train the patient head and run its OOF pass",
+            setting,
+            sorted(scores),
         )
-    return setting
+    return min(scores, key=scores.get)
 
 
 def save_calibration(cfg: Config, raw: pd.DataFrame, truth: pd.DataFrame) -> None:
