@@ -10,6 +10,7 @@ output, stage-2 logits, localisation); then every combination of
 
 - patient level: the learned head or the noisy-OR of the stage-2 probabilities,
 - calibration: ``post.calibration`` methods (utils/rsna/postprocess.py CALIBRATIONS),
+- prior matching: ``post.match_prior`` off or on,
 - plausibility shrink: ``post.shrink`` in {0, 0.5, 0.75, 1},
 
 is scored on the cross-fitted OOF predictions (the calibration of fold k fitted on the other
@@ -41,6 +42,7 @@ from utils.rsna.report import post_process_oof, read_folds, stage2_wide
 SHRINKS = (0.0, 0.5, 0.75, 1.0)
 RAW = [
     "post.calibration=none",
+    "post.match_prior=false",
     "post.shrink=0",
     "post.patient=head",
 ]  # the chain before post-processing
@@ -103,13 +105,16 @@ def study(cfg: Config, shifted: list[Path]) -> list[dict]:
     )
     sets = {data.name: shifted_inputs(cfg, data, priors) for data in shifted}
     rows = []
-    for level, method, factor in itertools.product(oof["raw"], postprocess.CALIBRATIONS, SHRINKS):
-        variant = cfg.replace(**{"post.calibration": method, "post.shrink": factor})
+    grid = itertools.product(oof["raw"], postprocess.CALIBRATIONS, (False, True), SHRINKS)
+    for level, method, match, factor in grid:
+        variant = cfg.replace(
+            **{"post.calibration": method, "post.match_prior": match, "post.shrink": factor}
+        )
         raw = oof["raw"][level]
         _, _, final = post_process_oof(
             variant, raw, oof["uids"], oof["truth"], oof["fold"], flags, priors
         )
-        row = {"aggregator": level, "calibration": method, "shrink": factor}
+        row = {"aggregator": level, "calibration": method, "match_prior": match, "shrink": factor}
         row["oof"] = score(final, oof["truth"])
         fit = None if method == "none" else postprocess.fit_platt(raw, oof["truth"], method)
         for name, s in sets.items():
@@ -118,7 +123,8 @@ def study(cfg: Config, shifted: list[Path]) -> list[dict]:
             )
             row[name] = score(final, s["truth"])
         rows.append(row)
-    baselines = {"aggregator": "constant prior", "calibration": "-", "shrink": None}
+    baselines = {"aggregator": "constant prior", "calibration": "-", "match_prior": None}
+    baselines["shrink"] = None
     for name, s in [("oof", oof), *sets.items()]:
         constant = s["truth"][[UID]].assign(**{t: priors[t] for t in TARGETS})
         baselines[name] = score(constant, s["truth"])
@@ -127,13 +133,18 @@ def study(cfg: Config, shifted: list[Path]) -> list[dict]:
 
 def markdown(rows: list[dict], sets: list[str], note: str) -> str:
     lines = [
-        "| patient level | calibration | shrink | OOF (cross-fitted) | " + " | ".join(sets) + " |",
-        "|---|---|---|---|" + "---|" * len(sets),
+        "| patient level | calibration | prior matching | shrink | OOF (cross-fitted) | "
+        + " | ".join(sets)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(sets),
     ]
     for r in rows:
+        match = "-" if r["match_prior"] is None else ("on" if r["match_prior"] else "off")
         shrink_text = "-" if r["shrink"] is None else f"{r['shrink']:g}"
         cells = " | ".join(f"{r[name]:.4f}" for name in ("oof", *sets))
-        lines.append(f"| {r['aggregator']} | {r['calibration']} | {shrink_text} | {cells} |")
+        lines.append(
+            f"| {r['aggregator']} | {r['calibration']} | {match} | {shrink_text} | {cells} |"
+        )
     return "\n".join([*lines, "", note]) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Calibration and the plausibility shrink (utils/rsna/postprocess.py) on hand-made inputs."""
+"""Calibration, prior matching and the plausibility shrink (utils/rsna/postprocess.py) on hand-made inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from utils.rsna.postprocess import (
     apply_platt,
     crossfit_platt,
     fit_platt,
+    MATCH_MIN_STUDIES,
     implausible,
+    match_prior,
     reference,
     shrink,
 )
@@ -187,3 +189,21 @@ def test_unknown_calibration_is_a_config_error():
     pred, truth = _frames(20, 0)
     with pytest.raises(ConfigError, match="post.calibration must be one of"):
         fit_platt(pred, truth, "isotonic")
+
+
+def test_prior_matching_shifts_each_target_to_its_train_prior_and_keeps_the_ranking():
+    """A shift that moved every logit (+2) is undone to the train prior's mean, one constant per
+    target, so each target's ranking (and AUC) is unchanged; too few studies are left alone."""
+    rng = np.random.default_rng(3)
+    logit = rng.normal(-1.0, 1.5, size=(60, 8)) + 2.0
+    shifted = pd.DataFrame(1 / (1 + np.exp(-logit)), columns=TARGETS)
+    priors = {t: 0.1 + 0.05 * i for i, t in enumerate(TARGETS)}
+    matched = match_prior(shifted, priors)
+    for t in TARGETS:
+        assert matched[t].mean() == pytest.approx(priors[t], abs=1e-6), t
+        assert (matched[t].rank() == shifted[t].rank()).all(), t
+        x0 = np.log(shifted[t] / (1 - shifted[t]))
+        x1 = np.log(matched[t] / (1 - matched[t]))
+        assert np.ptp(x1 - x0) < 1e-6, t  # one constant per target
+    few = shifted.iloc[: MATCH_MIN_STUDIES - 1]
+    pd.testing.assert_frame_equal(match_prior(few, priors), few)

@@ -40,6 +40,7 @@ from utils.rsna.postprocess import (
     crossfit_platt,
     fit_platt,
     implausible,
+    match_prior,
     reference,
     save_json,
     shrink,
@@ -203,13 +204,15 @@ def post_process_oof(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(raw, calibrated, final) OOF predictions of one patient level, rows in ``uids`` order.
 
-    Calibration is cross-fitted (fold k by the other folds' fit), then the flagged studies are
-    shrunk toward the prior: what the test chain does, without fitting on the rows it scores.
+    Calibration is cross-fitted (fold k by the other folds' fit), the prior matching (no labels)
+    runs over every OOF study, then the flagged studies are shrunk toward the prior: what the
+    test chain does, without fitting on the rows it scores.
     """
     raw = wide.set_index(UID).loc[uids].reset_index()
     method = cfg.post.calibration
     calibrated = raw if method == "none" else crossfit_platt(raw, truth, fold, method)
-    return raw, calibrated, shrink(calibrated, flags, priors, float(cfg.post.shrink))
+    matched = match_prior(calibrated, priors) if cfg.post.match_prior else calibrated
+    return raw, calibrated, shrink(matched, flags, priors, float(cfg.post.shrink))
 
 
 def choose_patient_level(setting: str, scores: dict[str, float]) -> str:
