@@ -11,6 +11,9 @@ from torch import nn
 
 from utils.weights import local_weights
 
+# timm poolings that keep the feature width (catavgmax would double it).
+POOLS = ("avg", "max", "avgmax")
+
 
 @dataclass(frozen=True)
 class EncoderSpec:
@@ -26,6 +29,9 @@ class EncoderSpec:
     pretrained: bool = False
     checkpoint_path: str | None = None
     drop_path_rate: float = 0.0
+    global_pool: str = (
+        "avg"  # timm's pooling of the last feature map: avg | max | avgmax (mean of the two)
+    )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> EncoderSpec:
@@ -33,16 +39,19 @@ class EncoderSpec:
         unknown = sorted(set(params or {}) - set(valid))
         if unknown:
             raise TypeError(f"encoder got unknown keys {unknown}; valid: {', '.join(valid)}")
-        return cls(**dict(params or {}))
+        spec = cls(**dict(params or {}))
+        if spec.global_pool not in POOLS:
+            raise TypeError(f"encoder global_pool must be one of {POOLS}, got {spec.global_pool!r}")
+        return spec
 
     def build(self, in_chans: int) -> tuple[nn.Module, int]:
         """A timm backbone without classifier: (B, in_chans, H, W) -> (B, F) pooled features.
 
         Returns the module and its feature width F.
         """
-        kwargs: dict[str, Any] = (
-            {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
-        )
+        kwargs: dict[str, Any] = {"global_pool": self.global_pool}
+        if self.drop_path_rate:
+            kwargs["drop_path_rate"] = self.drop_path_rate
         file = self.checkpoint_path or (local_weights(self.backbone) if self.pretrained else None)
         if file:
             kwargs["pretrained_cfg_overlay"] = {"file": str(file)}

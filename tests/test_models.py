@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.encoder import create_encoder
 from utils.registry import MODELS, load_pipeline
 
 load_pipeline("rsna")  # registers the models of every pipeline
@@ -59,6 +60,25 @@ def test_in_chans_and_encoder_spec_reach_the_backbone():
         TypeError, match="encoder got unknown keys \\['bakbone'\\]; valid: backbone"
     ):
         MODELS.build("fracture_seq", {"encoder": {"bakbone": "resnet34"}})
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_encoder_global_pool_reduces_the_last_feature_map_as_named(pool):
+    """A small local feature (a crack) survives max pooling; the width stays the backbone's."""
+    encoder, width = create_encoder({"backbone": "resnet10t", "global_pool": pool}, 1)
+    encoder.eval()
+    image = torch.randn(2, 1, 64, 64)
+    fmap = encoder.forward_features(image)  # (B, F, h, w)
+    expected = {
+        "avg": fmap.mean((2, 3)),
+        "max": fmap.amax((2, 3)),
+        "avgmax": 0.5 * (fmap.mean((2, 3)) + fmap.amax((2, 3))),
+    }[pool]
+    out = encoder(image)
+    assert out.shape == (2, width)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(TypeError, match="global_pool must be one of"):
+        create_encoder({"global_pool": "catavgmax"}, 1)
 
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm"])
