@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from utils.engine import enable_grad_checkpointing
 from utils.registry import MODELS, load_pipeline
 
 load_pipeline("rsna")  # registers the models of every pipeline
@@ -59,6 +60,31 @@ def test_in_chans_and_encoder_spec_reach_the_backbone():
         TypeError, match="encoder got unknown keys \\['bakbone'\\]; valid: backbone"
     ):
         MODELS.build("fracture_seq", {"encoder": {"bakbone": "resnet34"}})
+
+
+def test_grad_checkpointing_keeps_the_gradients():
+    """``train.grad_checkpointing`` (a runtime key) recomputes the timm encoder's activations in
+    the backward pass, replaying drop-path's random draws: a training step's gradients are those
+    of the plain model."""
+    params = {
+        "in_chans": 3,
+        "hidden": 8,
+        "encoder": {"backbone": "convnext_atto", "drop_path_rate": 0.3},
+    }
+    x = {"image": torch.randn(2, 3, 3, 64, 64)}
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = MODELS.build("fracture_seq", params).train()
+        if checkpointed:
+            assert enable_grad_checkpointing(model) == 1  # the encoder, the one timm model
+            assert all(stage.grad_checkpointing for stage in model.encoder.stages)
+        torch.manual_seed(1)
+        model(x)["logit"].sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
+    assert enable_grad_checkpointing(MODELS.build("patient_head", {})) == 0
 
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm"])
