@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-hipmri demo-fracatlas demo-multitask test test-slow bench lint kaggle-bundle
+.PHONY: demo demo-hipmri demo-fracatlas demo-multitask test test-slow check-full bench lint kaggle-bundle
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ test: $(VENV)/.installed-dev
 
 test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -m slow -q
+
+# Every full profile end to end on a few real-size synthetic cases, one epoch and a few iterations per
+# stage: seconds and peak memory per train.sh step; an error past 40 min or 8 GB (bench/check_full.py,
+# docs/benchmarks.md). DEVICE: device= of every step (auto, cpu, cuda).
+DEVICE ?= auto
+check-full: $(VENV)/.installed
+	$(PY) -m bench.check_full --device $(DEVICE)
 
 # Every benchmark but the seed runs (hours: python -m bench.bench_seeds --pipeline P, docs/benchmarks.md).
 bench: $(VENV)/.installed-dev

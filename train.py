@@ -32,6 +32,7 @@ from utils.distributed import DistInfo
 from utils.engine import (
     autocast,
     build_optimizer,
+    enable_grad_checkpointing,
     make_loader,
     needs_scaler,
     predict,
@@ -173,6 +174,8 @@ def _train_fold(
     )
 
     model = prepare_model(build_model(cfg), cfg, device)
+    if cfg.train.grad_checkpointing:
+        log.info("gradient checkpointing in %d timm model(s)", enable_grad_checkpointing(model))
     loss_fn = build_loss(cfg)
     steps = len(make_loader(cfg, train_ds, True, 0, sampler, batch))
     if cfg.train.max_train_batches is not None:

@@ -149,6 +149,8 @@ def test_registry_errors_list_choices():
         ("report.threshold=0.3", False),  # the report, after training
         ("num_workers=4", False),
         ("tracker.name=tensorboard", False),
+        ("train.grad_checkpointing=true", False),  # the same gradients in less memory
+        ("train.max_train_batches=2", True),  # a capped epoch trains other weights
         ("train.lr=1.0e-2", True),  # what the run computes
         ("prep.max_side=64", True),  # the classifier's input images
     ],

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.encoder import create_encoder
+from utils.engine import enable_grad_checkpointing
 from utils.registry import MODELS, load_pipeline
 
 load_pipeline("rsna")  # registers the models of every pipeline
@@ -79,6 +80,31 @@ def test_encoder_global_pool_reduces_the_last_feature_map_as_named(pool):
     torch.testing.assert_close(out, expected)
     with pytest.raises(TypeError, match="global_pool must be one of"):
         create_encoder({"global_pool": "catavgmax"}, 1)
+
+
+def test_grad_checkpointing_keeps_the_gradients():
+    """``train.grad_checkpointing`` (a runtime key) recomputes the timm encoder's activations in
+    the backward pass, replaying drop-path's random draws: a training step's gradients are those
+    of the plain model."""
+    params = {
+        "in_chans": 3,
+        "hidden": 8,
+        "encoder": {"backbone": "convnext_atto", "drop_path_rate": 0.3},
+    }
+    x = {"image": torch.randn(2, 3, 3, 64, 64)}
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = MODELS.build("fracture_seq", params).train()
+        if checkpointed:
+            assert enable_grad_checkpointing(model) == 1  # the encoder, the one timm model
+            assert all(stage.grad_checkpointing for stage in model.encoder.stages)
+        torch.manual_seed(1)
+        model(x)["logit"].sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
+    assert enable_grad_checkpointing(MODELS.build("patient_head", {})) == 0
 
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm"])

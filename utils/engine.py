@@ -104,6 +104,19 @@ def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn
     return model
 
 
+def enable_grad_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on gradient checkpointing in every timm model inside ``model``; returns how many.
+
+    timm models offer it as ``set_grad_checkpointing``: their blocks' activations are recomputed
+    in the backward pass instead of kept, so a training step needs far less memory and computes
+    the same gradients (torch's checkpoint replays the random state of dropout and drop-path).
+    """
+    owners = [m for m in model.modules() if callable(getattr(m, "set_grad_checkpointing", None))]
+    for module in owners:
+        module.set_grad_checkpointing(True)
+    return len(owners)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP / DataParallel / torch.compile wrappers (what checkpoints store)."""
     while True:

@@ -38,6 +38,13 @@ class nnUNetTrainerSmoke(nnUNetTrainerShort):
     EPOCHS, ITERATIONS, VAL_ITERATIONS = 2, 4, 2
 
 
+class nnUNetTrainerCheck(nnUNetTrainerShort):
+    """1 epoch x 2 training / 1 validation iterations: a full-size plan trained just far enough
+    to run every later step (bench/check_full.py)."""
+
+    EPOCHS, ITERATIONS, VAL_ITERATIONS = 1, 2, 1
+
+
 class nnUNetTrainer_FracAtlasDemo(nnUNetTrainerShort):
     """FracAtlas demo: 15 epochs x 24 / 2 iterations at lr 0.02 (the full recipe uses the stock
     ``nnUNetTrainer``): far from converged (nnU-Net's default is 1000 epochs x 250 iterations);

@@ -9,10 +9,10 @@ import pytest
 from utils.config import ConfigError
 from utils.rsna.metric import TARGETS, VERTEBRAE, per_target_logloss
 from utils.rsna.postprocess import (
+    MATCH_MIN_STUDIES,
     apply_platt,
     crossfit_platt,
     fit_platt,
-    MATCH_MIN_STUDIES,
     implausible,
     match_prior,
     reference,

@@ -262,7 +262,7 @@ def test_label_assignment_follows_real_rates():
     assert not assign_labels(1, rng).any()
 
 
-def test_demo_and_bench_plans():
+def test_demo_bench_and_check_plans():
     demo = plan_dataset(PRESETS["demo"], seed=0)
     train = [s for s in demo if s.split == "train"]
     assert len(train) == 90 and len(demo) == 93
@@ -284,6 +284,14 @@ def test_demo_and_bench_plans():
     )
     geom = make_geometry(bench, PRESETS["bench"], seed=0)
     assert (geom.n_slices, geom.rows, geom.cols) == (300, 512, 512)
+
+    # bench/check_full.py: real-size studies, all train ones segmented, the quirks included.
+    check = plan_dataset(PRESETS["check"], seed=0)
+    assert [s.split for s in check] == ["train"] * 3 + ["test"]
+    assert all(s.segmented for s in check[:3]) and any(s.reversed for s in check)
+    geoms = [make_geometry(s, PRESETS["check"], seed=0) for s in check]
+    assert all(g.rows == 512 and 280 <= g.n_slices <= 320 for g in geoms)
+    assert sorted({g.cols for g in geoms}) == [512, 519]
 
 
 def test_cli_runs_by_path():

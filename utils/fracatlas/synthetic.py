@@ -1,4 +1,4 @@
-"""Synthetic FracAtlas in the download's layout: ``python -m utils.fracatlas.synthetic --out DIR [--preset demo]``.
+"""Synthetic FracAtlas in the download's layout: ``python -m utils.fracatlas.synthetic --out DIR [--preset tiny|demo|check]``.
 
 Bright bone shapes (capsules with a marrow core) over soft tissue, with body-part-specific
 arrangements; fractured images carry 1-3 thin jagged breaks across a bone, each annotated by one
@@ -43,6 +43,10 @@ class Preset:
 PRESETS = {
     "tiny": Preset(n_images=28, n_large=1),
     "demo": Preset(n_images=400, n_large=4),
+    # bench/check_full.py: the download's common sizes (no max_side in the full profile), enough
+    # images for a full classifier batch (32) per training fold of two; no 2880 x 2304 one, whose
+    # nnU-Net sliding window alone would outlast the check.
+    "check": Preset(n_images=76, n_large=0),
 }
 FRACTURED_SHARE = 0.18
 

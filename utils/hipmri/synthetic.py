@@ -1,4 +1,4 @@
-"""Synthetic HipMRI slices in the real layout: ``python -m utils.hipmri.synthetic --out D --preset tiny|demo|bench [--seed N]``.
+"""Synthetic HipMRI slices in the real layout: ``python -m utils.hipmri.synthetic --out D --preset tiny|demo|bench|check [--seed N]``.
 
 Writes ``keras_slices_{train,validate,test}/case_<p>_week_<w>_slice_<s>.nii.gz`` and
 ``keras_slices_seg_{...}/seg_...nii.gz`` with a patient-level split (patients numbered from 004
@@ -40,6 +40,8 @@ PRESETS = {
     "demo": Preset(patients=(10, 2, 3), weeks=2, slices=32),
     # 30 train patients x 5 weeks x 76 slices = 11,400 train slices, the size of the real set.
     "bench": Preset(patients=(30, 1, 1), weeks=5, slices=76),
+    # bench/check_full.py: one scan per split and two train scans, the bench preset's slice count.
+    "check": Preset(patients=(2, 1, 1), weeks=1, slices=76),
 }
 FIRST_PATIENT = 4  # the course set starts at case_004
 

@@ -1,4 +1,4 @@
-"""Synthetic pancreas quiz data in the real layout: ``python -m utils.pancreas.synthetic --out D --preset tiny|demo [--seed N]``.
+"""Synthetic pancreas quiz data in the real layout: ``python -m utils.pancreas.synthetic --out D --preset tiny|demo|check [--seed N]``.
 
 Writes ``train/subtype{0,1,2}/quiz_<s>_<id>.nii.gz`` (+ ``_0000`` image), the same under
 ``validation/`` and ``test/quiz_<id>_0000.nii.gz`` (layout in utils/pancreas/layout.py). Each case
@@ -46,6 +46,11 @@ PRESETS = {
     # 48 train / 24 validation cases in the real 62:106:84 proportions, volumes ~18 x 44 x 52
     # voxels (small enough for 3D nnU-Net iterations on a CPU).
     "demo": Preset((12, 20, 16), (6, 10, 8), 6, (16, 40, 48), (20, 48, 56)),
+    # bench/check_full.py: one training case per subtype, one validation and one test case, at
+    # the real spacing but ~0.6x the real ROIs' median shape (64 x 119 x 179 voxels): nnU-Net
+    # trains in fp32 on a CPU, where the real ResEnc M plan needs more memory than the check's
+    # limit (docs/benchmarks.md). No case exceeds the patch planned for these, so one tile each.
+    "check": Preset((1, 1, 1), (0, 1, 0), 1, (38, 70, 100), (42, 78, 110)),
 }
 FLOAT_ONE = np.float32(1.0000153)  # how 214 of the 288 real masks store the pancreas label
 # Lesion look per subtype: (mean HU, spread of the case mean, texture std, rim enhancement HU).

@@ -9,7 +9,9 @@ Presets: ``tiny`` (tests: 8 train + 2 test studies of 32-48 slices of 64 x 64), 
 (90 train studies of mixed styles, a third segmented, + 3 test; 80-110 slices of 256 x 256 at
 ~2 mm), ``unseen`` (24 test studies with their answers in test_labels.csv,
 no training half, in a style the demo never uses: the cross-style check), ``bench`` (one 300-slice 512 x 512 JPEG
-Lossless train study for bench/bench_dicom.py; header-only test CSVs).
+Lossless train study for bench/bench_dicom.py; header-only test CSVs), ``check`` (3 segmented
+train studies + 1 test study of 280-320 slices of 512 x 512 with the format quirks, for
+bench/check_full.py).
 
 Styles (``STYLES``) set how studies look, independently of the preset's size: anatomy proportions,
 intensities, noise, blur, slice thickness (with partial volume along z) and crack drawing (width,
@@ -182,6 +184,9 @@ PRESETS = {
     # The cross-style set: test studies only (with test_labels.csv), in the style training never saw.
     "unseen": Preset(0, 24, 256, (80, 110), (140.0, 180.0), 0.0, 5.0, True, styles=("unseen",)),
     "bench": Preset(1, 0, 512, (300, 300), (140.0, 180.0), 0.0, 5.0, False, "jpeg_lossless"),
+    # bench/check_full.py: the full recipe on real-size studies (512 px, ~300 slices), every train
+    # study segmented so that each of the check's folds has stage-1 rows, with the format quirks.
+    "check": Preset(3, 1, 512, (280, 320), (140.0, 180.0), 1.0, 5.0, True),
 }
 
 
