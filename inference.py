@@ -7,7 +7,7 @@ key and output columns by default), so nothing grows with the data set.
 ``--split oof`` (default): each training case predicted by the fold model that did not train on
 it -> ``<output_dir>/<pipeline>/<exp>/preds_oof.csv`` (reused while newer than every checkpoint
 and input); then the pipeline's ``after_oof`` report for that stage, if it has one
-(``utils/<pipeline>/report.py``).
+(``utils/<pipeline>/report.py``), which adds its row to the experiment log (utils/experiments.py).
 
 ``--split test``: the pipeline's test-time chain on ``--data-dir`` when it has one
 (``utils/<pipeline>/submit.py``, e.g. the whole chain -> submission.csv), else this stage's
@@ -19,10 +19,12 @@ folder).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-from utils import cli, paths
+from utils import cli, experiments, paths
 from utils.config import Config
+from utils.engine import resolve_device
 from utils.errors import InputError
 from utils.folds import load_folds, with_folds
 from utils.predict import is_fresh, load_models, predict_to, run_config
@@ -82,10 +84,14 @@ def main(argv: list[str] | None = None) -> None:
                 out = test_predictions(run_config(cfg), args.out or paths.test_preds_csv(cfg))
             print(f"test predictions: {out}")
             return
+        start = time.perf_counter()
         run = run_config(cfg)
         oof_predictions(run, pipeline.id_col)
-        summary = pipeline.after_oof(run) if pipeline.after_oof is not None else None
-    print(summary or f"OOF predictions: {paths.preds_csv(run)}")
+        report = pipeline.after_oof(run) if pipeline.after_oof is not None else None
+        if report is not None:
+            seconds, device = time.perf_counter() - start, resolve_device(cfg.device)
+            experiments.log_report(run, experiments.Invocation.of(args), report, seconds, device)
+    print(report.summary if report else f"OOF predictions: {paths.preds_csv(run)}")
 
 
 if __name__ == "__main__":

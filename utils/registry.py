@@ -114,6 +114,8 @@ class Pipeline:
     - ``train_folds(cfg, available)`` (optional): the folds ``train.py --fold all`` trains among
       the fold file's ``available`` ones (default: all of them);
     - ``after_oof(cfg)`` (optional): reports once a stage's OOF predictions exist (``report.py``);
+      returns a ``utils.experiments.CvResult`` (the summary line and the CV metric the experiment
+      log records) or None when that stage has no CV report;
     - ``test(cfg, out)`` (optional): the whole test-time chain on ``cfg.data_dir``, written to
       ``out`` (None: the pipeline's default place); returns where it wrote (``submit.py``).
     """

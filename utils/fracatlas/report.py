@@ -21,6 +21,7 @@ from sklearn.metrics import roc_curve
 
 from utils import cli, paths
 from utils.config import Config
+from utils.experiments import CvResult
 from utils.fracatlas import layout
 from utils.fracatlas.folds import read_cases
 from utils.fracatlas.layout import ID
@@ -200,19 +201,26 @@ def write_report(cfg: Config) -> dict:
     return report
 
 
-def after_oof(run: Config) -> str:
-    """The pipeline's ``after_oof`` hook: the report, summarised in one line."""
-    r = write_report(run)
+def summarise(cfg: Config) -> str:
+    """Write the report; its one-line summary."""
+    r = write_report(cfg)
     return (
         f"nnU-Net OOF Dice (fractured) {_fmt(r['seg_dice'])} | classifier OOF AUC: image only "
         f"{_fmt(r['cls_auc'])}, mask-guided {_fmt(r['cls_auc_mask_guided'])} | "
-        f"report {paths.cv_report(run, 'md')}"
+        f"report {paths.cv_report(cfg, 'md')}"
     )
+
+
+def after_oof(run: Config) -> CvResult:
+    """The pipeline's ``after_oof`` hook: the report, and the OOF ROC-AUC of ``run``'s classifier."""
+    summary = summarise(run)
+    auc = classifier_results(run, paths.preds_csv(run))["auc"]
+    return CvResult(summary, "oof_auc", auc, "max")
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m utils.fracatlas.report --CFG config/fracatlas/base.yaml [key=value ...]``."""
-    cli.config_command(__doc__, after_oof, "config/fracatlas/base.yaml", argv)
+    cli.config_command(__doc__, summarise, "config/fracatlas/base.yaml", argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pandas as pd
 from utils import cli, paths
 from utils.config import Config, ConfigError
 from utils.errors import InputError
+from utils.experiments import CvResult
 from utils.folds import load_folds
 from utils.io import write_csv, write_text
 from utils.plots import plot_calibration, plt, save_figure
@@ -53,7 +54,7 @@ def read_folds(cfg: Config) -> pd.DataFrame:
 
 
 # ---- after the OOF passes -----------------------------------------------------------------------
-def after_oof(run: Config) -> str | None:
+def after_oof(run: Config) -> CvResult | None:
     """The report for the stage whose OOF predictions were just written (see module docstring)."""
     stages = run.stages
     if run.exp_name == stages.vertebra:
@@ -61,11 +62,12 @@ def after_oof(run: Config) -> str | None:
         return None
     if run.exp_name in (stages.fracture, stages.head):
         r = cv_report(run)
-        return (
+        summary = (
             f"OOF metric ({r['model']}): {r['oof_metric']:.4f} | constant-prior baseline: "
             f"{r['baseline_prior']:.4f} | ratio {r['ratio_to_prior']:.2f} | noisy-OR "
             f"{r['baseline_noisy_or']:.4f} | report: {paths.cv_report(run, 'md')}"
         )
+        return CvResult(summary, "oof_metric", r["oof_metric"], "min")
     return None
 
 
