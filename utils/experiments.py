@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from utils import cli, paths
-from utils.config import Config, comparable, load_config
+from utils.config import Config, comparable, load_config, thaw
 from utils.errors import InputError
 from utils.io import append_row, read_csv
 
@@ -103,8 +103,12 @@ def commit() -> str:
 
 def config_hash(cfg: Config) -> str:
     """10 hex digits of the SHA-1 of the config's comparable keys (utils.config.comparable)
-    but its name: one recipe has one hash under any ``exp_name``."""
-    text = json.dumps(comparable(cfg, ("exp_name",)), sort_keys=True, default=str)
+    but its name: one recipe has one hash under any ``exp_name``. An ensemble's members and fit
+    method count too (runtime keys for a trained stage, what an ensemble is)."""
+    keys = comparable(cfg, ("exp_name",))
+    if cfg.get("ensemble"):
+        keys |= {"ensemble": thaw(cfg["ensemble"]), "ensemble_fit": thaw(cfg["ensemble_fit"])}
+    text = json.dumps(keys, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -153,9 +157,10 @@ def log_fold(
 
 
 def log_report(
-    cfg: Config, invocation: Invocation, result: CvResult, seconds: float, device: torch.device
+    cfg: Config, invocation: Invocation, result: CvResult, seconds: float, device: str
 ) -> None:
-    """Add the row of a CV report on the OOF predictions of ``cfg``'s experiment."""
+    """Add the row of a CV report on the OOF predictions of ``cfg``'s experiment (``device``:
+    :func:`device_name` of where the OOF pass ran)."""
     _append(
         cfg,
         invocation,
@@ -164,7 +169,7 @@ def log_report(
         mode=result.mode,
         cv_metric=result.value,
         seconds=round(seconds, 1),
-        device=device_name(device),
+        device=device,
     )
 
 

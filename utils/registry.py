@@ -155,11 +155,17 @@ def load_pipeline(name: str) -> Pipeline:
 def check_components(cfg) -> None:
     """Fail before any work on an unknown pipeline, component or parameter, or missing weights.
 
-    Raises ConfigError (an unknown name or ``params`` key) listing the valid choices, or
+    Raises ConfigError (an ensemble config, which is not trained; an unknown name or ``params``
+    key, listing the valid choices), or
     InputError when pretrained encoder weights are neither local nor downloadable
     (utils/weights.py: check_available).
     """
     load_pipeline(cfg["pipeline"])
+    if cfg.get("ensemble"):
+        raise ConfigError(
+            f"'{cfg['exp_name']}' is an ensemble (ensemble: ...): nothing to train; train its "
+            "members, then predict it with inference.py (utils/ensemble.py)"
+        )
     MODELS.check(cfg["model"]["name"], [*cfg["model"]["params"], *_model_extra(cfg)])
     DATASETS.check(cfg["dataset"]["name"], [*cfg["dataset"]["params"], "table", "cfg", "train"])
     LOSSES.check(cfg["loss"]["name"], cfg["loss"]["params"])

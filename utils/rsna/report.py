@@ -4,7 +4,9 @@
 - after the stage-2 or patient-head OOF pass: the CV report, which scores the whole pipeline
   (stage 2 + the patient head when its OOF predictions are current, else noisy-OR) against the
   constant-prior, noisy-OR and max baselines on the same studies, and saves what the test-time
-  chain applies (train priors, calibration fit, plausibility reference).
+  chain applies (train priors, calibration fit, plausibility reference). When stage 2 is an
+  ensemble of experiments (utils/ensemble.py) it also shows each member, the plain mean and the
+  ensemble side by side.
 
 ``python -m utils.rsna.report --CFG config/rsna/patient_head.yaml [key=value ...]`` prints the
 summary of the last CV report (``cv_report.json``).
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import cli, paths
+from utils import cli, ensemble, paths
 from utils.config import Config, ConfigError
 from utils.errors import InputError
 from utils.experiments import CvResult
@@ -168,6 +170,8 @@ def cv_report(cfg: Config) -> dict:
         "n_vertebrae_missing": int(7 * len(uids) - stage2.StudyInstanceUID.isin(uids).sum()),
     }
     report["ratio_to_prior"] = report["oof_metric"] / report["baseline_prior"]
+    if ensemble.read_record(cfg, cfg.stages.fracture) is not None:
+        report["ensemble"] = ensemble_table(cfg, uids, truth, priors)
     write_csv(final, layout.oof_csv(cfg))
     write_text(json.dumps(report, indent=2), paths.cv_report(cfg, "json"))
     write_text(report_markdown(report), paths.cv_report(cfg, "md"))
@@ -177,6 +181,21 @@ def cv_report(cfg: Config) -> dict:
         y, p, layout.calibration_png(cfg), title=f"OOF calibration ({model}, all targets)"
     )
     return report
+
+
+def ensemble_table(
+    cfg: Config, uids: list[str], truth: pd.DataFrame, priors: dict[str, float]
+) -> dict:
+    """Stage 2 as an ensemble of experiments: each member, the plain mean and the ensemble with
+    the weights it uses, on stage 2's own validation metric and as stage 2 + noisy-OR."""
+    exp = cfg.stages.fracture
+    metric, lines = ensemble.predictors(cfg, exp)
+    fit = ensemble.read_record(cfg, exp)["fit"]
+    rows = [
+        {**p.row(), "noisy_or": score(stage2_wide(p.frame, uids, priors, "noisy_or"), truth)}
+        for p in lines
+    ]
+    return {"exp": exp, "metric": metric, "fit": fit["method"] if fit else None, "rows": rows}
 
 
 def calibrate_oof(
@@ -220,6 +239,17 @@ def report_markdown(r: dict) -> str:
         f"| {t} | {fmt(r['per_target_logloss'][t])} | {fmt(r['per_target_auc'][t])} |"
         for t in TARGETS
     ]
+    if "ensemble" in r:
+        e = r["ensemble"]
+        how = f"{e['fit']} fit, nested by fold" if e["fit"] else "the configured weights"
+        lines += [
+            "",
+            f"## Stage 2: the ensemble `{e['exp']}`",
+            "",
+            f"Each member, the plain mean and the ensemble ({how}) on the same OOF rows.",
+            "",
+            *ensemble.table_lines(e["metric"], e["rows"], {"noisy_or": "stage 2 + noisy-OR"}),
+        ]
     if "cross_style" in r:  # added by utils/rsna/cross_style.py
         c = r["cross_style"]
         lines += [
@@ -283,6 +313,12 @@ def summary(cfg: Config) -> str:
         f"noisy-OR {r['baseline_noisy_or']:.4f}",
         "OOF AUC: " + "  ".join(f"{t} {fmt(v)}" for t, v in r["per_target_auc"].items()),
     ]
+    if "ensemble" in r:
+        e = r["ensemble"]
+        lines.append(
+            f"stage-2 ensemble, OOF {e['metric']} (stage 2 + noisy-OR): "
+            + "  |  ".join(f"{x['name']} {x['score']:.4f} ({x['noisy_or']:.4f})" for x in e["rows"])
+        )
     if "cross_style" in r:
         c = r["cross_style"]
         lines.append(
