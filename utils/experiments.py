@@ -213,8 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     with cli.running():
         output_dir = load_config(None, args.overrides).output_dir
         log = sort_rows(read_logs(output_dir, args.pipeline), args.sort)
-    with pd.option_context("display.width", 250, "display.max_colwidth", 60):
-        print(log.to_string(index=False) if len(log) else "(no rows)")
+    shown = log[[c for c in log.columns if c != "overrides"] + ["overrides"]]  # the long one last
+    for column in ("best", "cv_metric"):  # the file keeps every digit; 4 decimals to read
+        values = pd.to_numeric(shown[column], errors="coerce")
+        shown = shown.assign(**{column: values.map("{:.4f}".format).where(values.notna(), "")})
+    with pd.option_context("display.max_colwidth", 80):
+        print(shown.to_string(index=False, justify="left") if len(log) else "(no rows)")
 
 
 if __name__ == "__main__":
