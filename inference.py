@@ -7,11 +7,15 @@ key and output columns by default), so nothing grows with the data set.
 ``--split oof`` (default): each training case predicted by the fold model that did not train on
 it -> ``<output_dir>/<pipeline>/<exp>/preds_oof.csv`` (reused while newer than every checkpoint
 and input); then the pipeline's ``after_oof`` report for that stage, if it has one
-(``utils/<pipeline>/report.py``).
+(``utils/<pipeline>/report.py``), which adds its row to the experiment log (utils/experiments.py).
 
 ``--split test``: the pipeline's test-time chain on ``--data-dir`` when it has one
 (``utils/<pipeline>/submit.py``, e.g. the whole chain -> submission.csv), else this stage's
-fold-mean predictions on the data set's test rows. Intermediates go to ``<output_dir>/<pipeline>/test/<data folder>-<hash>/``, never into the
+fold-mean predictions on the data set's test rows.
+
+An ensemble config (``ensemble: [...]``, utils/ensemble.py) predicts each member as above, then
+combines the members' predictions: OOF row by row (fold k from every member's fold-k model), test
+with the weights its OOF pass recorded. Intermediates go to ``<output_dir>/<pipeline>/test/<data folder>-<hash>/``, never into the
 training products; ``--out`` sets the submission / prediction file or folder (default: in that
 folder).
 """
@@ -19,20 +23,28 @@ folder).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-from utils import cli, paths
+from utils import cli, ensemble, experiments, paths
 from utils.config import Config
+from utils.engine import resolve_device
 from utils.errors import InputError
 from utils.folds import load_folds, with_folds
-from utils.predict import is_fresh, load_models, predict_to, run_config
+from utils.io import write_csv
+from utils.predict import is_fresh, load_models, predict_to, read_predictions, run_config
 from utils.registry import DATASETS, load_pipeline
 
 log = logging.getLogger("inference")
 
 
 def oof_predictions(run: Config, id_col: str) -> Path:
-    """Write the stage's out-of-fold predictions; returns their path."""
+    """Write the stage's out-of-fold predictions (an ensemble's: its members' first); returns
+    their path."""
+    if run.get("ensemble"):
+        for member in ensemble.members_of(run):
+            oof_predictions(run_config(run, member.exp), id_col)
+        return ensemble.write_oof(run)
     dataset = DATASETS.get(run.dataset.name)
     out = paths.preds_csv(run)
     if is_fresh(out, run, dataset.oof_inputs(run)):
@@ -55,13 +67,27 @@ def oof_predictions(run: Config, id_col: str) -> Path:
     return out
 
 
-def test_predictions(run: Config, out: Path) -> Path:
-    """Fold-mean predictions of one stage on the test rows its dataset finds in ``data_dir``."""
+def test_predictions(run: Config, out: Path, id_col: str) -> Path:
+    """Fold-mean predictions of one stage on the test rows its dataset finds in ``data_dir``;
+    an ensemble's members each write theirs beside it, then their weighted mean goes to ``out``."""
+    if run.get("ensemble"):
+        members = ensemble.test_members(run)
+        frames = [
+            read_predictions(test_predictions(m, paths.test_preds_csv(m), id_col), id_col)
+            for m, _ in members
+        ]
+        dataset = DATASETS.get(members[0][0].dataset.name)
+        return write_csv(ensemble.combine(dataset, frames, [w for _, w in members]), out)
     dataset = DATASETS.get(run.dataset.name)
     table = dataset.test_table(run)
     with dataset.make_writer(run, out, table) as writer:
         predict_to(writer, run, load_models(run).values(), table)
     return out
+
+
+def stage_config(cfg: Config) -> Config:
+    """What predicts: the trained run's own config, or an ensemble's config as given."""
+    return cfg if cfg.ensemble else run_config(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,13 +105,19 @@ def main(argv: list[str] | None = None) -> None:
             if pipeline.test is not None:
                 out = pipeline.test(cfg, args.out)
             else:
-                out = test_predictions(run_config(cfg), args.out or paths.test_preds_csv(cfg))
+                out = args.out or paths.test_preds_csv(cfg)
+                out = test_predictions(stage_config(cfg), out, pipeline.id_col)
             print(f"test predictions: {out}")
             return
-        run = run_config(cfg)
+        start = time.perf_counter()
+        run = stage_config(cfg)
         oof_predictions(run, pipeline.id_col)
-        summary = pipeline.after_oof(run) if pipeline.after_oof is not None else None
-    print(summary or f"OOF predictions: {paths.preds_csv(run)}")
+        report = pipeline.after_oof(run) if pipeline.after_oof is not None else None
+        if report is not None:
+            seconds = time.perf_counter() - start
+            device = experiments.device_name(resolve_device(cfg.device))
+            experiments.log_report(run, experiments.Invocation.of(args), report, seconds, device)
+    print(report.summary if report else f"OOF predictions: {paths.preds_csv(run)}")
 
 
 if __name__ == "__main__":

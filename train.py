@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from utils import cli, distributed, paths
+from utils import cli, distributed, experiments, paths
 from utils.checkpoint import resume_state, save_checkpoint
 from utils.config import Config, save_config
 from utils.distributed import DistInfo
@@ -109,13 +109,14 @@ def train_one_epoch(
 def run_fold(
     cfg: Config,
     fold: int,
+    invocation: experiments.Invocation,
     device: torch.device | None = None,
     info: DistInfo = distributed.SINGLE,
 ) -> float | None:
     """Train one fold (or skip it when already trained); returns its best validation metric.
 
     Under DDP every rank reads the same ``last.pth`` (so all skip or resume alike); only rank 0
-    writes the run folder.
+    writes the run folder and, once the fold is finished, its row of the experiment log.
     """
     device = device or resolve_device(cfg.device)
     run = paths.run_dir(cfg, fold)
@@ -128,12 +129,15 @@ def run_fold(
     handler = cli.add_file_log(run / "train.log") if info.main else None
     tracker = make_tracker(cfg, run, fold) if info.main else Tracker()
     try:
-        return _train_fold(cfg, fold, run, state, device, info, tracker)
+        best = _train_fold(cfg, fold, run, state, device, info, tracker)
     finally:
         tracker.close()
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+    if info.main:
+        experiments.log_fold(cfg, fold, run, invocation, device, info.world)
+    return best
 
 
 def _train_fold(
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         folds = folds_to_run(cfg, args.fold)
         info, device = distributed.setup(resolve_device(cfg.device))
         try:
-            results = {k: run_fold(cfg, k, device, info) for k in folds}
+            invocation = experiments.Invocation.of(args)
+            results = {k: run_fold(cfg, k, invocation, device, info) for k in folds}
             distributed.barrier(
                 info
             )  # rank 0 has written the last checkpoint when torchrun returns

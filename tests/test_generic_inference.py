@@ -17,6 +17,7 @@ from torch import nn
 
 import inference
 import train
+from utils import experiments
 from utils.config import load_config
 from utils.datasets import StageDataset
 from utils.engine import stream_predictions
@@ -171,3 +172,49 @@ def test_oof_without_its_fold_file_is_a_one_line_error(toy, tmp_path):
         f"error: {moved / 'toy' / 'folds.csv'} not found; run python -m utils.fold_split first"
     )
     assert not (moved / "toy" / "linear" / "preds_oof.csv").exists()
+
+
+# ---- the experiment log -------------------------------------------------------------------------
+def read_log(root) -> pd.DataFrame:
+    return pd.read_csv(
+        root / "output" / "toy" / "experiments.csv", dtype=str, keep_default_na=False
+    )
+
+
+def test_every_finished_fold_adds_one_row_and_a_skipped_rerun_none(toy, capsys):
+    root, stage, ov = toy
+    rows = read_log(root)
+    trained = rows[rows["exp_name"] == "linear"]
+    assert list(rows.columns) == list(experiments.COLUMNS)
+    assert trained["fold"].tolist() == ["0", "1", "2"] and (trained["stage"] == "linear").all()
+    assert (trained["metric"] == "val_loss").all() and (trained["mode"] == "min").all()
+    assert trained["overrides"].iloc[0] == " ".join(ov) and trained["device"].iloc[0] == "cpu"
+    assert trained["config_hash"].nunique() == 1 and trained["commit"].iloc[0] != "unknown"
+    for fold in range(3):  # the best value is the best epoch of the fold's metrics.csv
+        history = pd.read_csv(root / "output" / "toy" / "linear" / f"fold{fold}" / "metrics.csv")
+        row = trained[trained["fold"] == str(fold)].iloc[0]
+        assert float(row["best"]) == pytest.approx(history["val_loss"].min())
+        assert float(row["seconds"]) == pytest.approx(history["seconds"].sum(), abs=0.1)
+    train.main(["--CFG", stage, *ov])  # every fold finished: skipped, no row
+    assert len(read_log(root)) == len(rows)
+    experiments.main(["--pipeline", "toy", "--sort", "val_loss", f"output_dir={root / 'output'}"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:3] == ["time", "pipeline", "stage"] and len(printed) >= 4
+    with pytest.raises(SystemExit, match=r"^error: --sort nope: not a metric \(val_loss\)"):
+        experiments.main(["--sort", "nope", f"output_dir={root / 'output'}"])
+
+
+def test_a_stopped_fold_adds_its_row_when_a_later_run_finishes_it(toy):
+    root, stage, ov = toy
+    before = len(read_log(root))
+    part = [*ov, "exp_name=partial", "train.stop_after=1"]
+    train.main(["--CFG", stage, "--fold", "0", *part])
+    assert len(read_log(root)) == before  # 1 of 2 epochs: not finished
+    train.main(["--CFG", stage, "--fold", "0", *ov, "exp_name=partial"])
+    rows = read_log(root)
+    assert len(rows) == before + 1 and rows.iloc[-1]["exp_name"] == "partial"
+    linear = rows[rows["exp_name"] == "linear"]["config_hash"].iloc[0]
+    assert rows.iloc[-1]["config_hash"] == linear  # the same recipe under another name
+    history = pd.read_csv(root / "output" / "toy" / "partial" / "fold0" / "metrics.csv")
+    assert len(history) == 2
+    assert float(rows.iloc[-1]["seconds"]) == pytest.approx(history["seconds"].sum(), abs=0.1)

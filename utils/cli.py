@@ -21,7 +21,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from utils.config import Config, load_config
@@ -31,15 +31,22 @@ FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def parser(
-    doc: str | None, cfg: str | None = "config/<pipeline>/<stage>.yaml", overrides: bool = True
+    doc: str | None,
+    cfg: str | None = "config/<pipeline>/<stage>.yaml",
+    overrides: bool = True,
+    commands: Sequence[str] = (),
 ) -> argparse.ArgumentParser:
     """An ArgumentParser showing ``doc`` as help, with ``--CFG`` (``cfg``: what it takes; None =
-    no config) and trailing ``key=value`` overrides. Tools add their own arguments to it."""
+    no config), a first positional ``command`` among ``commands`` (if any) and trailing
+    ``key=value`` overrides. Tools add their own arguments to it; with a command, parse with
+    ``parse_intermixed_args`` so that options may come anywhere."""
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     if cfg is not None:
         p.add_argument("--CFG", required=True, help=f"config file, e.g. {cfg}")
+    if commands:  # before the overrides: argparse fills positionals in the order they are added
+        p.add_argument("command", choices=list(commands))
     if overrides:
         p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
     return p

@@ -302,9 +302,10 @@ def runtime_keys(cfg: Mapping[str, Any], scope: str | None = None) -> list[str]:
     return [k for s in scopes for k in block.get(s, ())]
 
 
-def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs, runtime keys of either left out."""
-    ignore = {"runtime", *runtime_keys(a), *runtime_keys(b)}
+def comparable(cfg: Mapping[str, Any], ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The flat ``{dotted key: value}`` of a resolved config without its runtime keys (nor the
+    keys of ``ignore``, sections covering their keys): what decides what a run computes."""
+    skip = {"runtime", *runtime_keys(cfg), *ignore}
 
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -315,11 +316,16 @@ def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
                 out[f"{prefix}{k}"] = thaw(v)
         return out
 
-    def ignored(key: str) -> bool:
-        return any(key == k or key.startswith(f"{k}.") for k in ignore)
+    def skipped(key: str) -> bool:
+        return any(key == k or key.startswith(f"{k}.") for k in skip)
 
-    fa, fb = flat(a), flat(b)
-    return sorted(k for k in fa.keys() | fb.keys() if not ignored(k) and fa.get(k) != fb.get(k))
+    return {k: v for k, v in flat(cfg).items() if not skipped(k)}
+
+
+def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, runtime keys of either left out."""
+    fa, fb = comparable(a, runtime_keys(b)), comparable(b, runtime_keys(a))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def progress_off(cfg: Mapping[str, Any]) -> bool | None:

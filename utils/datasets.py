@@ -17,7 +17,11 @@ entry points call its methods without probing what it has. A stage overrides wha
   as is, each (B, K) output as ``<name>_<k>``);
 - ``make_writer(cfg, path, table)``: where predictions go (default: :class:`CsvWriter`, key
   columns + output columns); a writer is a context manager with ``write(rows, outputs)`` that
-  publishes on a clean exit and nothing on an exception.
+  publishes on a clean exit and nothing on an exception;
+- ``ensemble_output``, ``label_column``, ``ensemble_logits(preds)``: what an ensemble of
+  experiments of this stage averages (utils/ensemble.py): the model output, one logit per row,
+  read back from a prediction table, and the label the weights are fitted to (default: none, the
+  stage cannot be ensembled).
 
 Random draws (augmentation) come from ``rng(index)``, seeded by (seed, epoch, row): train.py calls
 ``set_epoch`` before each epoch, so a resumed run, any number of loader workers and any process
@@ -43,6 +47,10 @@ class StageDataset(Dataset):
     """Base of every registered dataset: the rows of ``table`` and the stage contract above."""
 
     key_columns: ClassVar[tuple[str, ...]] = ()
+    ensemble_output: ClassVar[str | None] = (
+        None  # the model output (B,) of logits ensembles average
+    )
+    label_column: ClassVar[str | None] = None  # the 0/1 label of load_table's rows it predicts
 
     def __init__(self, table: pd.DataFrame, cfg: Mapping[str, Any], train: bool):
         self.table = table.reset_index(drop=True)
@@ -110,6 +118,12 @@ class StageDataset(Dataset):
         for name, col in cls.output_columns(outputs).items():
             block[name] = col
         return block
+
+    @classmethod
+    def ensemble_logits(cls, preds: pd.DataFrame) -> np.ndarray:
+        """``ensemble_output`` (N,) float64 read back from a prediction table (the inverse of
+        ``output_columns`` for it); default: the column of that name."""
+        return preds[cls.ensemble_output].to_numpy(np.float64)
 
     @classmethod
     def make_writer(cls, cfg, path: Path, table: pd.DataFrame) -> CsvWriter:

@@ -11,11 +11,13 @@ removes temps whose writer is gone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,6 +118,23 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
     """Write ``df`` as CSV atomically (no index unless asked); an identical file is left as it is."""
     kwargs.setdefault("index", False)
     return write_text(df.to_csv(**kwargs), path)
+
+
+def append_row(row: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Append one row to a CSV table, atomically: the whole table is rewritten to a temporary
+    file and moved into place, so a crash leaves the previous complete table.
+
+    Concurrent appenders (several folds or pipelines at once) take turns on an exclusive lock of
+    ``.<name>.lock`` beside the table: a read-modify-write without it could lose a row. Earlier
+    rows are kept as written (read as text); a key the table lacks adds a column.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+        new = pd.DataFrame([{k: "" if v is None else v for k, v in row.items()}])
+        return write_csv(new if old is None else pd.concat([old, new], ignore_index=True), path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

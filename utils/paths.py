@@ -7,6 +7,8 @@ Products live under ``<output_dir>/<pipeline>/`` so that pipelines never overwri
     <exp>/fold<k>/{config.yaml,train.log,metrics.csv,curves.png,last.pth,best.pth}   train.py
     <exp>/preds_oof.csv  <exp>/viz/*.png       inference.py --split oof
     cv_report.{md,json}  cv_calibration.png  oof_predictions.csv                     inference.py
+    experiments.csv                            one row per finished fold and per CV report (utils/experiments.py)
+    <ensemble>/{ensemble.json,preds_oof.csv}   an ensemble of experiments (utils/ensemble.py)
     test/<data>-<hash>/...                     inference.py --split test: intermediates of one test
                                                data folder (cache, per-stage predictions, submission.csv)
     nnunet/{raw,preprocessed,results}/         nnU-Net v2's three roots (utils/nnunet.py exports them)
@@ -68,6 +70,16 @@ def checkpoint_path(cfg: Cfg, fold: int, kind: str = "best", exp: str | None = N
 def preds_csv(cfg: Cfg, exp: str | None = None) -> Path:
     """Out-of-fold predictions of one stage on the training data."""
     return exp_dir(cfg, exp) / "preds_oof.csv"
+
+
+def ensemble_json(cfg: Cfg, exp: str | None = None) -> Path:
+    """An ensemble's record: its members, the weights in use and the fit (utils/ensemble.py)."""
+    return exp_dir(cfg, exp) / "ensemble.json"
+
+
+def experiments_csv(cfg: Cfg) -> Path:
+    """The experiment log of a pipeline: one row per finished fold and per CV report."""
+    return pipeline_dir(cfg) / "experiments.csv"
 
 
 # ---- cross-validation report --------------------------------------------------------------------

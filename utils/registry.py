@@ -114,6 +114,8 @@ class Pipeline:
     - ``train_folds(cfg, available)`` (optional): the folds ``train.py --fold all`` trains among
       the fold file's ``available`` ones (default: all of them);
     - ``after_oof(cfg)`` (optional): reports once a stage's OOF predictions exist (``report.py``);
+      returns a ``utils.experiments.CvResult`` (the summary line and the CV metric the experiment
+      log records) or None when that stage has no CV report;
     - ``test(cfg, out)`` (optional): the whole test-time chain on ``cfg.data_dir``, written to
       ``out`` (None: the pipeline's default place); returns where it wrote (``submit.py``).
     """
@@ -153,11 +155,17 @@ def load_pipeline(name: str) -> Pipeline:
 def check_components(cfg) -> None:
     """Fail before any work on an unknown pipeline, component or parameter, or missing weights.
 
-    Raises ConfigError (an unknown name or ``params`` key) listing the valid choices, or
+    Raises ConfigError (an ensemble config, which is not trained; an unknown name or ``params``
+    key, listing the valid choices), or
     InputError when pretrained encoder weights are neither local nor downloadable
     (utils/weights.py: check_available).
     """
     load_pipeline(cfg["pipeline"])
+    if cfg.get("ensemble"):
+        raise ConfigError(
+            f"'{cfg['exp_name']}' is an ensemble (ensemble: ...): nothing to train; train its "
+            "members, then predict it with inference.py (utils/ensemble.py)"
+        )
     MODELS.check(cfg["model"]["name"], [*cfg["model"]["params"], *_model_extra(cfg)])
     DATASETS.check(cfg["dataset"]["name"], [*cfg["dataset"]["params"], "table", "cfg", "train"])
     LOSSES.check(cfg["loss"]["name"], cfg["loss"]["params"])

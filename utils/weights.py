@@ -208,9 +208,12 @@ def reachable(host: str, port: int) -> bool:
 
 # ---- pre-flight -------------------------------------------------------------------------------------
 def encoder_spec(cfg: Mapping[str, Any]) -> EncoderSpec | None:
-    """The ``model.params.encoder`` of a resolved config as an EncoderSpec (None: no timm encoder)."""
+    """The ``model.params.encoder`` of a resolved config as an EncoderSpec (None: no timm
+    encoder, or an ensemble of trained experiments, which builds no model of its own)."""
     from models.encoder import EncoderSpec  # models/encoder.py imports this module
 
+    if cfg.get("ensemble"):
+        return None
     params = cfg["model"]["params"] or {}
     return EncoderSpec.from_params(params["encoder"]) if "encoder" in params else None
 

@@ -76,8 +76,11 @@ def test_no_or_ambiguous_competition_folder_is_a_one_line_error(tmp_path):
 # ---- the bundle ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def code_bundle(tiny_head, tiny_ov, tmp_path_factory) -> Path:
-    """The code half of ``make kaggle-bundle`` built from the tiny trained runs."""
-    return kaggle_bundle.build_code(tmp_path_factory.mktemp("bundle"), "tester", tiny_ov)
+    """The code half of ``make kaggle-bundle`` built from the tiny trained runs, by its command
+    line (the part first, then options and overrides in any order)."""
+    out = tmp_path_factory.mktemp("bundle")
+    kaggle_bundle.main(["code", *tiny_ov, "--out", str(out), "--owner", "tester"])
+    return out / "code"
 
 
 def test_code_bundle_holds_code_runs_priors_and_metadata(code_bundle, tiny_head):
@@ -113,7 +116,7 @@ def test_a_failing_chain_still_writes_every_row_with_its_prior(
     code = tmp_path / "code"
     (code / "runs" / "rsna").mkdir(parents=True)
     config = str(ROOT / "config" / "rsna" / "patient_head.yaml")
-    manifest = {"config": config, "profile": "tiny", "runs": "runs"}
+    manifest = {"config": config, "profile": "tiny", "overrides": [], "runs": "runs"}
     (code / "bundle.json").write_text(json.dumps(manifest))
     root = tmp_path / "kaggle"
     comp = root / "input" / SLUG

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit, logit
 
 from utils import paths
 from utils.augment import augmentation
@@ -71,6 +72,10 @@ class FractureImages(StageDataset):
     """
 
     key_columns = (ID, CASE, "fractured")
+    ensemble_output = (
+        "logits"  # written as ``prob``; ensembles average the logits (utils/ensemble.py)
+    )
+    label_column = "fractured"
 
     def __init__(
         self,
@@ -111,7 +116,14 @@ class FractureImages(StageDataset):
     @staticmethod
     def output_columns(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``prob``: the fracture probability (float64)."""
-        return {"prob": 1 / (1 + np.exp(-out["logits"].astype(np.float64)))}
+        return {"prob": expit(out["logits"].astype(np.float64))}
+
+    @classmethod
+    def ensemble_logits(cls, preds: pd.DataFrame) -> np.ndarray:
+        """The logits back from ``prob``; a probability rounded to 0 or 1 gives +-36 (float64's
+        sigmoid saturates there), not an infinity."""
+        eps = np.finfo(np.float64).eps / 2
+        return logit(preds["prob"].to_numpy(np.float64).clip(eps, 1 - eps))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.table.iloc[index]

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from utils import cli, paths
+from utils import cli, ensemble, paths
 from utils.config import Config
+from utils.experiments import CvResult
 from utils.fracatlas import layout
 from utils.fracatlas.folds import read_cases
 from utils.fracatlas.layout import ID
@@ -31,6 +32,8 @@ from utils.plots import plt, save_figure
 from utils.predict import read_predictions
 
 log = logging.getLogger(__name__)
+# The classifiers the report compares (report.<kind> names each one's exp_name) and their labels.
+KINDS = {"plain": "image only", "guided": "image + nnU-Net map", "ensemble": "ensemble"}
 
 
 def _round(d: dict) -> dict:
@@ -60,7 +63,7 @@ def seg_results(cfg: Config, split: str) -> dict | None:
 
 def build_report(cfg: Config) -> dict:
     """The report's content: n_images, seg_* (OOF), cls_* for both classifiers, test blocks."""
-    exps = {"plain": cfg.report.plain, "guided": cfg.report.guided}
+    exps = {kind: cfg.report[kind] for kind in KINDS}
     oof = {k: classifier_results(cfg, paths.preds_csv(cfg, e)) for k, e in exps.items()}
     test = {k: classifier_results(cfg, paths.test_preds_csv(cfg, e)) for k, e in exps.items()}
     seg = seg_results(cfg, "oof") or {}
@@ -80,6 +83,8 @@ def build_report(cfg: Config) -> dict:
         "seg_iou_all": seg.get("seg_iou_all"),
         "cls_auc": pick(oof["plain"], "auc"),
         "cls_auc_mask_guided": pick(oof["guided"], "auc"),
+        "cls_auc_ensemble": pick(oof["ensemble"], "auc"),
+        "ensemble": ensemble_block(cfg, exps["ensemble"]),
         "segmentation_oof": seg or None,
         "classifier_oof": oof,
         "segmentation_test": seg_results(cfg, "test"),
@@ -89,6 +94,18 @@ def build_report(cfg: Config) -> dict:
         "conventions": "seg_dice/seg_iou: mean over fractured images; *_all: every scored image, "
         "empty truth and prediction = 1; classifier metrics at report.threshold",
     }
+
+
+def ensemble_block(cfg: Config, exp: str) -> dict | None:
+    """The classifier ensemble ``exp`` (if it has a record): each member, the plain mean and the
+    ensemble with the weights it uses, on the members' validation metric (OOF ROC-AUC)."""
+    record = ensemble.read_record(cfg, exp)
+    if record is None:
+        return None
+    metric, lines = ensemble.predictors(cfg, exp)
+    fit = record["fit"]
+    rows = [p.row() for p in lines]
+    return {"exp": exp, "metric": metric, "fit": fit["method"] if fit else None, "rows": rows}
 
 
 def _fmt(v) -> str:
@@ -124,7 +141,7 @@ def markdown(report: dict) -> str:
         "| classifier | set | ROC-AUC | AP | F1 | sensitivity | specificity | images |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for kind, label in (("plain", "image only"), ("guided", "image + nnU-Net map")):
+    for kind, label in KINDS.items():
         for name, key in (("OOF", "classifier_oof"), ("test", "classifier_test")):
             c = report[key][kind]
             if c:
@@ -132,18 +149,24 @@ def markdown(report: dict) -> str:
                     f"| {label} | {name} | {_fmt(c['auc'])} | {_fmt(c['ap'])} | {_fmt(c['f1'])} "
                     f"| {_fmt(c['sensitivity'])} | {_fmt(c['specificity'])} | {c['n']} |"
                 )
+    if report["ensemble"]:
+        e = report["ensemble"]
+        how = f"{e['fit']} fit, nested by fold" if e["fit"] else "the configured weights"
+        lines += [
+            "",
+            f"## The ensemble `{e['exp']}`: members, plain mean, ensemble ({how}), OOF",
+            "",
+            *ensemble.table_lines(e["metric"], e["rows"]),
+        ]
     lines += ["", f"Conventions: {report['conventions']}.", ""]
     return "\n".join(lines)
 
 
 def plot_roc(cfg: Config, path: Path) -> Path | None:
-    """OOF ROC curves of both classifiers on one plot (None when neither has predictions)."""
+    """OOF ROC curves of the classifiers on one plot (None when none has predictions)."""
     curves = {}
-    for label, exp in (
-        ("image only", cfg.report.plain),
-        ("image + nnU-Net map", cfg.report.guided),
-    ):
-        csv = paths.preds_csv(cfg, exp)
+    for kind, label in KINDS.items():
+        csv = paths.preds_csv(cfg, cfg.report[kind])
         if csv.is_file():
             curves[label] = read_predictions(csv, ID)
     if not curves:
@@ -200,19 +223,26 @@ def write_report(cfg: Config) -> dict:
     return report
 
 
-def after_oof(run: Config) -> str:
-    """The pipeline's ``after_oof`` hook: the report, summarised in one line."""
-    r = write_report(run)
+def summarise(cfg: Config) -> str:
+    """Write the report; its one-line summary."""
+    r = write_report(cfg)
     return (
         f"nnU-Net OOF Dice (fractured) {_fmt(r['seg_dice'])} | classifier OOF AUC: image only "
         f"{_fmt(r['cls_auc'])}, mask-guided {_fmt(r['cls_auc_mask_guided'])} | "
-        f"report {paths.cv_report(run, 'md')}"
+        f"report {paths.cv_report(cfg, 'md')}"
     )
+
+
+def after_oof(run: Config) -> CvResult:
+    """The pipeline's ``after_oof`` hook: the report, and the OOF ROC-AUC of ``run``'s classifier."""
+    summary = summarise(run)
+    auc = classifier_results(run, paths.preds_csv(run))["auc"]
+    return CvResult(summary, "oof_auc", auc, "max")
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m utils.fracatlas.report --CFG config/fracatlas/base.yaml [key=value ...]``."""
-    cli.config_command(__doc__, after_oof, "config/fracatlas/base.yaml", argv)
+    cli.config_command(__doc__, summarise, "config/fracatlas/base.yaml", argv)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,8 @@ class VertebraSequences(_CacheDataset):
         self.transform = train_aug(self.aug) if self.aug else None
 
     key_columns = (UID, "vertebra", "start", "end", *BOX_COLS)
+    ensemble_output = "logit"  # written as is: the patient head reads logits
+    label_column = "fractured"
 
     @staticmethod
     def load_table(cfg) -> pd.DataFrame:

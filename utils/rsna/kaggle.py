@@ -11,8 +11,8 @@ the bundle as the working directory (so its ``utils`` is the one imported; nothi
    ``input/competitions/<slug>/``; see :func:`find_competition`);
 3. the bundle's trained runs (read-only) are linked into ``<root>/working/output`` so that the
    test-time cache and intermediates can be written beside them;
-4. ``inference.main`` runs ``--split test`` with the bundle's config and profile, exactly as
-   ``inference.py --split test`` does, into ``<root>/working/submission.csv``.
+4. ``inference.main`` runs ``--split test`` with the bundle's config, profile and overrides,
+   exactly as ``inference.py --split test`` does, into ``<root>/working/submission.csv``.
 
 If the chain itself fails, the error is logged with its traceback and every row gets the train
 priors: the notebook never ends without a submission.
@@ -119,6 +119,7 @@ def submit_from_bundle(data_dir: Path | None, extra: list[str]) -> None:
     link_runs(CODE_ROOT / manifest["runs"], output)
     out = root.submission
     overrides = [
+        *manifest["overrides"],  # e.g. stages.fracture=<an ensemble>, as the bundle was built
         f"profile={manifest['profile']}",
         f"data_dir={data}",
         f"output_dir={output}",

@@ -7,11 +7,13 @@ Usage::
 
 - ``code``: ``<out>/code/`` = the inference code (the git-tracked files of ``CODE_PATHS``), the
   trained runs of every stage of ``CONFIG`` (``runs/rsna/<exp>/fold<k>/{best.pth,config.yaml}``,
-  the ``infer.checkpoint`` kind only, weights and config without the optimizer state), the CV
-  report's products the test-time chain reads (``utils.rsna.submit.chain_products``: train
-  priors, calibration fit, plausibility reference), ``bundle.json`` (config, profile,
-  runs folder, commit) and ``dataset-metadata.json``. ``key=value`` overrides select the runs
-  (e.g. ``output_dir=...``, ``profile=demo``).
+  the ``infer.checkpoint`` kind only, weights and config without the optimizer state; for a stage
+  that is an ensemble, its ``ensemble.json`` and the runs of every member), the CV report's
+  products the test-time chain reads (``utils.rsna.submit.chain_products``: train priors,
+  calibration fit, plausibility reference), ``bundle.json`` (config, profile, overrides, runs
+  folder, commit) and ``dataset-metadata.json``. ``key=value`` overrides select the runs (e.g.
+  ``output_dir=...``, ``profile=demo``, ``stages.fracture=stage2_ensemble``); those other than
+  ``MANIFEST_SKIPS`` go to ``bundle.json`` and the notebook applies them.
 - ``wheels``: ``<out>/wheels/`` = ``requirements-kaggle.txt`` (every distribution the inference
   code imports, with its dependencies, pinned to this environment's versions, except what
   Kaggle's GPU image provides: ``KAGGLE_PROVIDED``) and one wheel per line for CPython
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from utils import cli, paths
+from utils import cli, ensemble, paths
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.errors import InputError
@@ -55,6 +57,9 @@ CODE_PATHS = (
     "models",
     "config",
 )  # what `python -m utils.rsna.kaggle` imports
+# Overrides of the bundle's build that the notebook does not take: where the runs and data are
+# here, and the profile, which bundle.json records on its own.
+MANIFEST_SKIPS = ("profile", "data_dir", "output_dir")
 # Checkpoint entries inference reads (utils/predict.py); optimizer and scheduler state stay home.
 INFERENCE_KEYS = ("model", "config", "fold", "seed", "epoch")
 CODE_SLUG, WHEELS_SLUG = "rsna-2022-fracture-code", "rsna-2022-fracture-wheels"
@@ -146,17 +151,22 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
         shutil.copy2(ROOT / rel, code / rel)
     runs = Path("runs")
     kind = cfg.infer.checkpoint
-    for exp in (e for e in cfg.stages.values() if e):
-        folds = trained_folds(cfg, exp)
-        if not folds:
-            raise InputError(f"no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)}")
-        for fold in folds:
-            src = paths.run_dir(cfg, fold, exp)
-            dst = code / runs / cfg.pipeline / exp / src.name
-            state = load_checkpoint(src / f"{kind}.pth")
-            save_checkpoint({k: state[k] for k in INFERENCE_KEYS}, dst / f"{kind}.pth")
-            shutil.copy2(src / "config.yaml", dst / "config.yaml")
-        log.info("%s: folds %s", exp, folds)
+    for stage in (e for e in cfg.stages.values() if e):
+        if paths.ensemble_json(cfg, stage).is_file():  # an ensemble: its record, then its members
+            record = paths.ensemble_json(cfg, stage)
+            (code / runs / cfg.pipeline / stage).mkdir(parents=True)
+            shutil.copy2(record, code / runs / cfg.pipeline / stage / record.name)
+        for exp in ensemble.trained_exps(cfg, stage):
+            folds = trained_folds(cfg, exp)
+            if not folds:
+                raise InputError(f"no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)}")
+            for fold in folds:
+                src = paths.run_dir(cfg, fold, exp)
+                dst = code / runs / cfg.pipeline / exp / src.name
+                state = load_checkpoint(src / f"{kind}.pth")
+                save_checkpoint({k: state[k] for k in INFERENCE_KEYS}, dst / f"{kind}.pth")
+                shutil.copy2(src / "config.yaml", dst / "config.yaml")
+            log.info("%s: folds %s", exp, folds)
     for role, product in chain_products(cfg).items():  # what the test-time chain reads
         if not product.is_file():
             raise InputError(
@@ -166,7 +176,13 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    manifest = {"config": CONFIG, "profile": cfg.profile, "runs": str(runs), "commit": commit}
+    manifest = {
+        "config": CONFIG,
+        "profile": cfg.profile,
+        "overrides": [o for o in overrides if o.split("=")[0] not in MANIFEST_SKIPS],
+        "runs": str(runs),
+        "commit": commit,
+    }
     write_text(json.dumps(manifest, indent=2) + "\n", layout.bundle_manifest(code))
     dataset_metadata(code, owner, CODE_SLUG, "RSNA 2022 fracture detection: code and checkpoints")
     return code
@@ -196,8 +212,7 @@ def build_kernel(out: Path, meta: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser(__doc__, cfg=None)
-    parser.add_argument("part", choices=["code", "wheels", "kernel", "all"])
+    parser = cli.parser(__doc__, cfg=None, commands=("code", "wheels", "kernel", "all"))
     parser.add_argument("--out", type=Path, default=Path("output/kaggle"))
     parser.add_argument("--python", default="3.11", help="Kaggle image's Python (major.minor)")
     parser.add_argument("--owner", default=None, help="Kaggle user (default: kernel-metadata's)")
@@ -206,11 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         meta = owner_metadata(args.owner)
         owner = meta["id"].split("/")[0]
         built = []
-        if args.part in ("code", "all"):
+        if args.command in ("code", "all"):
             built.append(build_code(args.out, owner, args.overrides))
-        if args.part in ("wheels", "all"):
+        if args.command in ("wheels", "all"):
             built.append(build_wheels(args.out, owner, args.python))
-        if args.part in ("kernel", "all"):
+        if args.command in ("kernel", "all"):
             built.append(build_kernel(args.out, meta))
     for folder in built:
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -4,7 +4,9 @@
 - after the stage-2 or patient-head OOF pass: the CV report, which scores the whole pipeline
   (stage 2 + the patient head when its OOF predictions are current, else noisy-OR) against the
   constant-prior, noisy-OR and max baselines on the same studies, and saves what the test-time
-  chain applies (train priors, calibration fit, plausibility reference).
+  chain applies (train priors, calibration fit, plausibility reference). When stage 2 is an
+  ensemble of experiments (utils/ensemble.py) it also shows each member, the plain mean and the
+  ensemble side by side.
 
 ``python -m utils.rsna.report --CFG config/rsna/patient_head.yaml [key=value ...]`` prints the
 summary of the last CV report (``cv_report.json``).
@@ -19,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import cli, paths
+from utils import cli, ensemble, paths
 from utils.config import Config
 from utils.errors import InputError
+from utils.experiments import CvResult
 from utils.folds import load_folds
 from utils.io import write_csv, write_text
 from utils.plots import plot_calibration, plt, save_figure
@@ -62,7 +65,7 @@ def read_folds(cfg: Config) -> pd.DataFrame:
 
 
 # ---- after the OOF passes -----------------------------------------------------------------------
-def after_oof(run: Config) -> str | None:
+def after_oof(run: Config) -> CvResult | None:
     """The report for the stage whose OOF predictions were just written (see module docstring)."""
     stages = run.stages
     if run.exp_name == stages.vertebra:
@@ -70,11 +73,12 @@ def after_oof(run: Config) -> str | None:
         return None
     if run.exp_name in (stages.fracture, stages.head):
         r = cv_report(run)
-        return (
+        summary = (
             f"OOF metric ({r['model']}): {r['oof_metric']:.4f} | constant-prior baseline: "
             f"{r['baseline_prior']:.4f} | ratio {r['ratio_to_prior']:.2f} | noisy-OR "
             f"{r['baseline_noisy_or']:.4f} | report: {paths.cv_report(run, 'md')}"
         )
+        return CvResult(summary, "oof_metric", r["oof_metric"], "min")
     return None
 
 
@@ -182,6 +186,8 @@ def cv_report(cfg: Config) -> dict:
         "n_vertebrae_missing": int(7 * len(uids) - stage2.StudyInstanceUID.isin(uids).sum()),
     }
     report["ratio_to_prior"] = report["oof_metric"] / report["baseline_prior"]
+    if ensemble.read_record(cfg, cfg.stages.fracture) is not None:
+        report["ensemble"] = ensemble_table(cfg, uids, truth, priors)
     write_csv(final, layout.oof_csv(cfg))
     write_text(json.dumps(report, indent=2), paths.cv_report(cfg, "json"))
     write_text(report_markdown(report), paths.cv_report(cfg, "md"))
@@ -234,6 +240,21 @@ def choose_patient_level(setting: str, scores: dict[str, float]) -> str:
     return min(scores, key=scores.get)
 
 
+def ensemble_table(
+    cfg: Config, uids: list[str], truth: pd.DataFrame, priors: dict[str, float]
+) -> dict:
+    """Stage 2 as an ensemble of experiments: each member, the plain mean and the ensemble with
+    the weights it uses, on stage 2's own validation metric and as stage 2 + noisy-OR."""
+    exp = cfg.stages.fracture
+    metric, lines = ensemble.predictors(cfg, exp)
+    fit = ensemble.read_record(cfg, exp)["fit"]
+    rows = [
+        {**p.row(), "noisy_or": score(stage2_wide(p.frame, uids, priors, "noisy_or"), truth)}
+        for p in lines
+    ]
+    return {"exp": exp, "metric": metric, "fit": fit["method"] if fit else None, "rows": rows}
+
+
 def save_calibration(cfg: Config, raw: pd.DataFrame, truth: pd.DataFrame) -> None:
     """The calibration fit on every OOF study, which the test chain applies (none: removed, so
     a stale fit cannot be applied)."""
@@ -270,6 +291,17 @@ def report_markdown(r: dict) -> str:
         f"| {t} | {fmt(r['per_target_logloss'][t])} | {fmt(r['per_target_auc'][t])} |"
         for t in TARGETS
     ]
+    if "ensemble" in r:
+        e = r["ensemble"]
+        how = f"{e['fit']} fit, nested by fold" if e["fit"] else "the configured weights"
+        lines += [
+            "",
+            f"## Stage 2: the ensemble `{e['exp']}`",
+            "",
+            f"Each member, the plain mean and the ensemble ({how}) on the same OOF rows.",
+            "",
+            *ensemble.table_lines(e["metric"], e["rows"], {"noisy_or": "stage 2 + noisy-OR"}),
+        ]
     for name, what in SHIFTED_CHECKS.items():  # added by utils/rsna/cross_style.py
         if name not in r:
             continue
@@ -335,6 +367,12 @@ def summary(cfg: Config) -> str:
         f"noisy-OR {r['baseline_noisy_or']:.4f}",
         "OOF AUC: " + "  ".join(f"{t} {fmt(v)}" for t, v in r["per_target_auc"].items()),
     ]
+    if "ensemble" in r:
+        e = r["ensemble"]
+        lines.append(
+            f"stage-2 ensemble, OOF {e['metric']} (stage 2 + noisy-OR): "
+            + "  |  ".join(f"{x['name']} {x['score']:.4f} ({x['noisy_or']:.4f})" for x in e["rows"])
+        )
     for name, label in (("cross_style", "unseen style"), ("phantom", "independent phantom")):
         if name in r:
             c = r[name]

@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils import paths
+from utils import ensemble, paths
 from utils.budget import TimeGuard
 from utils.config import Config
 from utils.errors import InputError
 from utils.io import write_csv
 from utils.predict import load_models, predict_frame, run_config
+from utils.registry import DATASETS
 from utils.rsna import layout
 from utils.rsna.datasets import study_logit_table, train_priors
 from utils.rsna.dicom import StudyReadError
@@ -167,29 +168,43 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     """The whole test-time chain on ``cfg.data_dir`` -> ``out`` (intermediates in its test folder).
 
     Study by study: cache, stage 1 (``submit.stage1_stride``), localisation, stage 2; then the
-    patient head on all of them. A :class:`~utils.budget.TimeGuard` over ``submit.budget_s``
-    drops fold models when the studies left would not fit, and stops when the next one would
-    not; every study not predicted (unreadable, failed, out of time) is named in the log and
-    takes the train priors, so the submission is always written. With ``submit.keep_cache:
-    false`` each study's cached volume is deleted once it is predicted. The calling config's
-    ``submit.*`` keys apply; each stage otherwise runs as it was trained, without loader workers
-    (one cached study is a handful of batches).
+    patient head on all of them. Stage 2 may be an ensemble of experiments (utils/ensemble.py):
+    each member predicts the study's vertebrae with its own fold models on its own crops (image
+    size, sequence length), and their logits are combined with the ensemble's recorded weights;
+    each member's predictions are also written beside the ensemble's. A
+    :class:`~utils.budget.TimeGuard` over ``submit.budget_s`` drops ensemble members (lowest
+    weight first), then fold models, when the studies left would not fit, and stops when the
+    next one would not; every study not predicted (unreadable, failed, out of time) is named in
+    the log and takes the train priors, so the submission is always written. With
+    ``submit.keep_cache: false`` each study's cached volume is deleted once it is predicted. The
+    calling config's ``submit.*`` keys apply; each stage otherwise runs as it was trained,
+    without loader workers (one cached study is a handful of batches).
     """
     start = time.monotonic()
     products = read_products(cfg)  # before any work: a missing one is an error, not a silent skip
     stages, plan = cfg.stages, cfg.submit
     s1 = run_config(cfg, stages.vertebra).replace(num_workers=0)
-    s2 = run_config(cfg, stages.fracture).replace(num_workers=0)
+    s2 = [(run.replace(num_workers=0), w) for run, w in ensemble.test_members(cfg, stages.fracture)]
+    if any(run.localize != s2[0][0].localize for run, _ in s2):
+        raise InputError(f"the members of '{stages.fracture}' were trained with other localize.*")
     data = paths.data_dir(cfg)
     rows = read_test_rows(data)
     uids = studies_to_predict(rows, data)
     prep = layout.test_prep_dir(cfg)
-    m1, m2 = list(load_models(s1).values()), list(load_models(s2).values())
-    guard = TimeGuard(plan.budget_s, min(len(m1), len(m2)), plan.warmup_studies, start=start)
-    p1s, locs, p2s, done, failed = [], [], [], [], []
+    m1 = list(load_models(s1).values())
+    m2 = [list(load_models(run).values()) for run, _ in s2]
+    guard = TimeGuard(
+        plan.budget_s,
+        min(len(m1), *map(len, m2)),
+        plan.warmup_studies,
+        [w for _, w in s2],
+        start=start,
+    )
+    dataset = DATASETS.get(s2[0][0].dataset.name)
+    p1s, locs, p2s, members, done, failed = [], [], [], [[] for _ in s2], [], []
     for i, uid in enumerate(uids):
-        models = guard.models_for(len(uids) - i)
-        if models == 0:
+        use = guard.plan_for(len(uids) - i)
+        if use is None:
             log.warning(
                 "time budget (%s s) spent after %d of %d studies: these %d get the train priors: %s",
                 plan.budget_s,
@@ -204,25 +219,31 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
             if not ensure_cached(s1, [uid], prep):
                 continue
             t1 = guard.clock()
-            p1 = predict_stage1(s1, uid, prep, m1[:models], plan.stage1_stride)
+            p1 = predict_stage1(s1, uid, prep, m1[: use.folds], plan.stage1_stride)
             t2 = guard.clock()
-            loc = localize(p1, **s2.localize)
+            loc = localize(p1, **s2[0][0].localize)
             t3 = guard.clock()
-            p2 = predict_frame(s2, m2[:models], loc, prep=prep)
-            t4 = guard.clock()
+            parts, member_s = {}, {}
+            for j in use.members:
+                tj = guard.clock()
+                parts[j] = predict_frame(s2[j][0], m2[j][: use.folds], loc, prep=prep)
+                member_s[j] = guard.clock() - tj
+            p2 = ensemble.combine(dataset, list(parts.values()), [s2[j][1] for j in parts])
         except Exception as err:  # one bad study must not cost the whole submission
             log.warning(
                 "test study %s failed (%r): it gets the train priors", uid, err, exc_info=True
             )
             failed.append(uid)
             continue
-        guard.record((t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), models)
+        guard.record((t1 - t0) + (t3 - t2), t2 - t1, member_s, use)
         if not plan.keep_cache:  # the study's metadata row goes too: it is no longer cached
             layout.volume_path(prep, uid).unlink()
             layout.study_row_json(prep, uid).unlink()
         p1s.append(p1)
         locs.append(loc)
         p2s.append(p2)
+        for j, part in parts.items():
+            members[j].append(part)
         done.append(uid)
     if failed and not done:
         raise InputError(f"every test study failed ({len(failed)}; see the log above)")
@@ -230,10 +251,11 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
     write_csv(p1, paths.test_preds_csv(cfg, s1.exp_name))
     loc = pd.concat(locs, ignore_index=True) if locs else pd.DataFrame(columns=LOC_COLUMNS)
     write_csv(loc, layout.stage2_labels_csv(cfg, "test"))
-    p2 = pd.concat([p for p in p2s if len(p)] or [pd.DataFrame(columns=[UID, "vertebra"])])
-    if "logit" not in p2:  # no study with a located vertebra: every row takes the prior below
-        p2 = p2.assign(logit=pd.Series(dtype=np.float32))
-    write_csv(p2, paths.test_preds_csv(cfg, s2.exp_name))
+    if len(s2) > 1:  # an ensemble: each member's own predictions beside the combined ones
+        for (run, _), parts in zip(s2, members, strict=True):
+            write_csv(stage2_frame(parts), paths.test_preds_csv(cfg, run.exp_name))
+    p2 = stage2_frame(p2s)
+    write_csv(p2, paths.test_preds_csv(cfg, stages.fracture))
     priors = train_priors(cfg)
     if not done:  # nothing predicted: every row takes its prior in write_submission
         wide = pd.DataFrame(columns=[UID, *TARGETS])
@@ -247,6 +269,13 @@ def test_chain(cfg: Config, out: Path) -> pd.DataFrame:
         wide, loc, priors, cfg.post, products.get("calibration"), products.get("plausibility")
     )
     return write_submission(rows, wide, priors, out)
+
+
+def stage2_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Stage-2 predictions of several studies in one table, with a ``logit`` column even when no
+    study had a located vertebra (every row then takes the prior)."""
+    p2 = pd.concat([p for p in parts if len(p)] or [pd.DataFrame(columns=[UID, "vertebra"])])
+    return p2 if "logit" in p2 else p2.assign(logit=pd.Series(dtype=np.float32))
 
 
 def write_submission(
