@@ -30,7 +30,7 @@ import pandas as pd
 
 from bench import common
 from utils import cli, paths
-from utils.config import Config
+from utils.config import Config, parse_overrides
 from utils.io import write_text
 from utils.predict import read_predictions, run_config
 from utils.rsna import layout, postprocess
@@ -76,7 +76,7 @@ def oof_inputs(cfg: Config) -> dict:
 
 def shifted_inputs(cfg: Config, data: Path, priors: dict[str, float]) -> dict:
     """One shifted folder: the chain's raw head output and stage-2 noisy-OR, its localisation."""
-    raw_cfg = cfg.replace(**dict(o.split("=", 1) for o in RAW))
+    raw_cfg = cfg.replace(**dict(parse_overrides(RAW)))  # typed: "false" is not truthy
     head, truth, _ = score_folder(raw_cfg, data)
     uids = truth[UID].tolist()
     test_cfg = raw_cfg.replace(data_dir=str(data))

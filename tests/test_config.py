@@ -93,6 +93,16 @@ def test_override_types_and_logging(caplog):
     assert "override train.lr: 0.0002 -> 0.0001" in caplog.text
 
 
+def test_a_switch_takes_true_or_false_only():
+    """``replace(**{"post.match_prior": "false"})`` once left prior matching on (a non-empty
+    string is truthy); the CLI parses ``false`` as YAML, ``replace`` must be given the bool."""
+    cfg = load_config(RSNA_BASE, ["post.match_prior=false"])
+    assert cfg.post.match_prior is False
+    assert cfg.replace(**{"post.match_prior": True}).post.match_prior is True
+    with pytest.raises(ConfigError, match="'post.match_prior' .* is true or false, got 'false'"):
+        cfg.replace(**{"post.match_prior": "false"})
+
+
 def test_unknown_override_key_names_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "config/rsna/stage1_vertebra.yaml", ["train.lrr=1"])

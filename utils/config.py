@@ -194,6 +194,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"'{key}' ({source}) is a section; set one of its keys: {', '.join(sorted(old))}"
         )
+    if isinstance(old, bool) and not isinstance(value, bool):  # "false" would be truthy
+        raise ConfigError(f"'{key}' ({source}) is true or false, got {value!r}")
     node[last] = value
     return old
 
