@@ -451,6 +451,20 @@ def table_lines(metric: str, rows: list[dict], extra: Mapping[str, str] | None =
     ]
 
 
+def report_section(e: Mapping, title: str, extra: Mapping[str, str] | None = None) -> list[str]:
+    """A CV report's Markdown section on ensemble ``e`` (exp, fit, metric, rows), titled
+    ``title`` (``{exp}`` is filled in): each member, the plain mean and the ensemble."""
+    how = f"{e['fit']} fit, nested by fold" if e["fit"] else "the configured weights"
+    return [
+        "",
+        "## " + title.format(exp=e["exp"]),
+        "",
+        f"Each member, the plain mean and the ensemble ({how}) on the same OOF rows.",
+        "",
+        *table_lines(e["metric"], e["rows"], extra),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__, cfg="config/<pipeline>/<ensemble>.yaml", commands=("fit",))
     args = parser.parse_intermixed_args(argv)

@@ -150,14 +150,7 @@ def markdown(report: dict) -> str:
                     f"| {_fmt(c['sensitivity'])} | {_fmt(c['specificity'])} | {c['n']} |"
                 )
     if report["ensemble"]:
-        e = report["ensemble"]
-        how = f"{e['fit']} fit, nested by fold" if e["fit"] else "the configured weights"
-        lines += [
-            "",
-            f"## The ensemble `{e['exp']}`: members, plain mean, ensemble ({how}), OOF",
-            "",
-            *ensemble.table_lines(e["metric"], e["rows"]),
-        ]
+        lines += ensemble.report_section(report["ensemble"], "The classifier ensemble `{exp}`")
     lines += ["", f"Conventions: {report['conventions']}.", ""]
     return "\n".join(lines)
 

@@ -292,16 +292,8 @@ def report_markdown(r: dict) -> str:
         for t in TARGETS
     ]
     if "ensemble" in r:
-        e = r["ensemble"]
-        how = f"{e['fit']} fit, nested by fold" if e["fit"] else "the configured weights"
-        lines += [
-            "",
-            f"## Stage 2: the ensemble `{e['exp']}`",
-            "",
-            f"Each member, the plain mean and the ensemble ({how}) on the same OOF rows.",
-            "",
-            *ensemble.table_lines(e["metric"], e["rows"], {"noisy_or": "stage 2 + noisy-OR"}),
-        ]
+        extra = {"noisy_or": "stage 2 + noisy-OR"}
+        lines += ensemble.report_section(r["ensemble"], "Stage 2: the ensemble `{exp}`", extra)
     for name, what in SHIFTED_CHECKS.items():  # added by utils/rsna/cross_style.py
         if name not in r:
             continue
