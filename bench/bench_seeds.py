@@ -41,6 +41,8 @@ def _rsna(r: dict) -> dict[str, float]:
         "oof_metric_raw": r["oof_metric_raw"],
         **{f"auc_{t}": v for t, v in r["per_target_auc"].items()},
     }
+    for level, value in r["patient_level"]["oof_metric"].items():  # head vs noisy-OR, both final
+        out[f"oof_metric_{level}"] = value
     for name in ("cross_style", "phantom"):  # checks on data the demo never trained on
         if name in r:
             out[f"{name}_metric"] = r[name]["metric"]

@@ -33,6 +33,19 @@ def test_every_pipeline_headline_reads_its_report():
         "seg_dice_all": 0.7,
     }
     assert HEADLINES["fracatlas"](report)["guidance_gain_auc"] == pytest.approx(0.1)
+    rsna = {
+        "oof_metric": 0.2,
+        "baseline_prior": 0.5,
+        "ratio_to_prior": 0.4,
+        "baseline_noisy_or": 0.23,
+        "oof_metric_raw": 0.19,
+        "per_target_auc": {"C1": 0.8},
+        "patient_level": {"chosen": "head", "oof_metric": {"head": 0.2, "noisy_or": 0.21}},
+        "phantom": {"metric": 0.4, "baseline_prior": 0.5},
+    }
+    headline = HEADLINES["rsna"](rsna)
+    assert headline["oof_metric_head"] == 0.2 and headline["oof_metric_noisy_or"] == 0.21
+    assert headline["phantom_ratio_to_prior"] == pytest.approx(0.8) and headline["auc_C1"] == 0.8
     result = {
         "mode": "m",
         "date": "d",
