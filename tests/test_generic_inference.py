@@ -17,12 +17,13 @@ from torch import nn
 
 import inference
 import train
-from utils import experiments
+from utils import experiments, paths
 from utils.config import load_config
 from utils.datasets import StageDataset
 from utils.engine import stream_predictions
 from utils.fold_split import main as fold_main
 from utils.folds import load_folds
+from utils.predict import run_config
 from utils.registry import DATASETS, LOSSES, MODELS, PIPELINES, FoldInputs, Pipeline
 
 TOY = Pipeline(
@@ -130,6 +131,27 @@ def test_oof_predictions_of_a_stage_registered_only_here(toy):
     merged = preds.merge(folds, on="case", suffixes=("", "_file"))
     assert (merged["fold"] == merged["fold_file"]).all() and len(merged) == 24
     np.testing.assert_allclose(preds[["probs_0", "probs_1"]].sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_a_run_saved_before_a_runtime_key_existed_still_predicts(toy):
+    """A run trained before a runtime key was added (its saved config lacks the key) still
+    predicts: the caller's value is added (it changes nothing the run computes)."""
+    root, stage, ov = toy
+    cfg = load_config(stage, ov)
+    saved = {}
+    for fold in range(3):
+        path = paths.checkpoint_path(cfg, fold, "best")
+        saved[path] = path.read_bytes()
+        state = torch.load(path, weights_only=False)
+        del state["config"]["train"]["grad_checkpointing"]
+        torch.save(state, path)
+    try:
+        run = run_config(cfg)
+        assert run.train.grad_checkpointing is False
+        inference.main(["--CFG", stage, "--split", "test", *ov])
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
 
 
 def test_test_predictions_are_the_fold_mean(toy):

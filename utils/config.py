@@ -200,6 +200,20 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> Any:
     return old
 
 
+def with_runtime_keys(saved: Config, values: Mapping[str, Any]) -> Config:
+    """``saved`` (a trained run's config) with the caller's runtime ``values`` (dotted key ->
+    value). A key the run was saved without (trained before the key existed) is added: a runtime
+    key changes nothing the run computes, so an older run stays usable."""
+    data = saved.to_dict()
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return Config(data)
+
+
 def _unknown(key: str, node: Mapping[str, Any], parts: list[str], source: str) -> str:
     where = ".".join(parts[:-1])
     return (

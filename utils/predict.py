@@ -18,7 +18,7 @@ import torch
 
 from utils import paths
 from utils.checkpoint import load_checkpoint
-from utils.config import Config, runtime_keys, thaw
+from utils.config import Config, runtime_keys, thaw, with_runtime_keys
 from utils.engine import (
     batch_size_of,
     make_loader,
@@ -61,7 +61,7 @@ def run_config(cfg: Config, exp: str | None = None) -> Config:
         ]
     )
     keys = [k for scope in scopes for k in runtime_keys(cfg, scope)]
-    return saved.replace(**{k: thaw(cfg.get(k)) for k in keys})
+    return with_runtime_keys(saved, {k: thaw(cfg.get(k)) for k in keys})
 
 
 def load_models(cfg: Config, folds: Iterable[int] | None = None) -> dict[int, torch.nn.Module]:
