@@ -39,7 +39,14 @@ def tiny_output(tiny_data, tmp_path_factory) -> Path:
 
 
 def tiny_overrides(data: Path, output: Path) -> list[str]:
-    return ["profile=tiny", f"data_dir={data}", f"output_dir={output}", "n_folds=2"]
+    # post.calibration=platt: the tests follow the fitted calibration through report, chain and bundle
+    return [
+        "profile=tiny",
+        f"data_dir={data}",
+        f"output_dir={output}",
+        "n_folds=2",
+        "post.calibration=platt",
+    ]
 
 
 # Tiny models learn little in one epoch: accept (nearly) every slice as a vertebra so stage 2 has input.
