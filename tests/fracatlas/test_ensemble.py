@@ -58,7 +58,9 @@ def test_classifier_ensemble_out_of_fold_on_test_and_in_the_report(tiny):
     rows = {r["name"]: r["score"] for r in report["ensemble"]["rows"]}
     assert list(rows) == ["classifier", "classifier_b", "mean", "classifier_ensemble"]
     assert rows["classifier_ensemble"] == pytest.approx(auc)
-    assert "## The classifier ensemble `classifier_ensemble`" in paths.cv_report(cfg, "md").read_text()
+    assert (
+        "## The classifier ensemble `classifier_ensemble`" in paths.cv_report(cfg, "md").read_text()
+    )
 
     # Test: each member's fold mean beside it, combined with the weights fitted on every fold.
     inference.main(["--CFG", f"{CONFIG}/classifier_ensemble.yaml", "--split", "test", *ens])
