@@ -139,6 +139,21 @@ def fresh_folder(folder: Path) -> Path:
     return folder
 
 
+def bundle_runs(cfg, exp: str, dest: Path) -> None:
+    """Every trained fold of ``exp`` into ``dest/fold<k>/``: its ``infer.checkpoint`` file cut to
+    what inference reads, and its config."""
+    kind = cfg.infer.checkpoint
+    folds = trained_folds(cfg, exp)
+    if not folds:
+        raise InputError(f"no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)}")
+    for fold in folds:
+        src = paths.run_dir(cfg, fold, exp)
+        state = load_checkpoint(src / f"{kind}.pth")
+        save_checkpoint({k: state[k] for k in INFERENCE_KEYS}, dest / src.name / f"{kind}.pth")
+        shutil.copy2(src / "config.yaml", dest / src.name / "config.yaml")
+    log.info("%s: folds %s", exp, folds)
+
+
 def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
     """``<out>/code``: code, runs of every stage, priors, bundle.json, dataset-metadata.json."""
     cfg = load_config(ROOT / CONFIG, overrides)
@@ -150,23 +165,13 @@ def build_code(out: Path, owner: str, overrides: list[str]) -> Path:
         (code / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, code / rel)
     runs = Path("runs")
-    kind = cfg.infer.checkpoint
     for stage in (e for e in cfg.stages.values() if e):
         if paths.ensemble_json(cfg, stage).is_file():  # an ensemble: its record, then its members
             record = paths.ensemble_json(cfg, stage)
             (code / runs / cfg.pipeline / stage).mkdir(parents=True)
             shutil.copy2(record, code / runs / cfg.pipeline / stage / record.name)
         for exp in ensemble.trained_exps(cfg, stage):
-            folds = trained_folds(cfg, exp)
-            if not folds:
-                raise InputError(f"no trained fold of '{exp}' in {paths.exp_dir(cfg, exp)}")
-            for fold in folds:
-                src = paths.run_dir(cfg, fold, exp)
-                dst = code / runs / cfg.pipeline / exp / src.name
-                state = load_checkpoint(src / f"{kind}.pth")
-                save_checkpoint({k: state[k] for k in INFERENCE_KEYS}, dst / f"{kind}.pth")
-                shutil.copy2(src / "config.yaml", dst / "config.yaml")
-            log.info("%s: folds %s", exp, folds)
+            bundle_runs(cfg, exp, code / runs / cfg.pipeline / exp)
     for role, product in chain_products(cfg).items():  # what the test-time chain reads
         if not product.is_file():
             raise InputError(
