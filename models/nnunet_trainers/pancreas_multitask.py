@@ -60,6 +60,7 @@ class MultitaskOptions:
     focal_gamma: float
     class_weights: str | list[float] | None
     cls_momentum: float
+    cls_norm: str
     epochs: int
     iterations: int
     val_iterations: int
@@ -82,6 +83,10 @@ def load_options() -> MultitaskOptions:
     opts = MultitaskOptions(**given)
     if opts.cls_loss not in ("focal", "ce"):
         raise RuntimeError(f"{OPTIONS_ENV}: cls_loss must be focal or ce, got {opts.cls_loss!r}")
+    if opts.cls_norm not in NORMS:
+        raise RuntimeError(
+            f"{OPTIONS_ENV}: cls_norm must be one of {sorted(NORMS)}, got {opts.cls_norm!r}"
+        )
     return opts
 
 
@@ -213,18 +218,31 @@ class AttentionClsEncoder(nn.Module):
         return f
 
 
+# How the classifier standardises its pooled features (B, C): across the batch (batch norm,
+# running statistics at evaluation) or per case over its C features (layer norm, the same
+# computation in training and evaluation, independent of the batch size).
+NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+
+
 class ClassifierMLP(nn.Module):
     """(B, C) pooled features -> (B, num_classes) logits.
 
-    Batch norm first: the pooled features differ little between cases, and standardising them
-    across the batch keeps the logits from being all bias (the classifier otherwise predicts one
-    class for every case).
+    Normalisation first (``norm``: a key of NORMS): the pooled features differ little between
+    cases, and standardising them keeps the logits from being all bias (the classifier otherwise
+    predicts one class for every case).
     """
 
-    def __init__(self, c_in: int, num_classes: int, hidden: int = 128, dropout: float = 0.3):
+    def __init__(
+        self,
+        c_in: int,
+        num_classes: int,
+        hidden: int = 128,
+        dropout: float = 0.3,
+        norm: str = "batch",
+    ):
         super().__init__()
         self.net = nn.Sequential(
-            nn.BatchNorm1d(c_in),
+            NORMS[norm](c_in),
             nn.Linear(c_in, hidden),
             nn.LeakyReLU(0.01),
             nn.Dropout(dropout),
@@ -245,7 +263,12 @@ class MultitaskNet(nn.Module):
     """
 
     def __init__(
-        self, unet: nn.Module, features: nn.Module, num_classes: int, lesion_label: int | None
+        self,
+        unet: nn.Module,
+        features: nn.Module,
+        num_classes: int,
+        lesion_label: int | None,
+        norm: str = "batch",
     ):
         super().__init__()
         self.encoder, self.decoder = (
@@ -253,7 +276,7 @@ class MultitaskNet(nn.Module):
             unet.decoder,
         )  # nnU-Net toggles decoder.deep_supervision
         self.features = features
-        self.classifier = ClassifierMLP(2 * features.out_channels, num_classes)
+        self.classifier = ClassifierMLP(2 * features.out_channels, num_classes, norm=norm)
         self.lesion_label = lesion_label
         self.last_logits: torch.Tensor | None = None
 
@@ -318,7 +341,9 @@ class nnUNetTrainerPancreasHead(nnUNetTrainer):
         )
         opts = load_options()
         lesion = opts.lesion_label if cls.uses_lesion_map else None
-        return MultitaskNet(unet, cls.build_features(unet.encoder), opts.num_classes, lesion)
+        return MultitaskNet(
+            unet, cls.build_features(unet.encoder), opts.num_classes, lesion, opts.cls_norm
+        )
 
     def configure_optimizers(self):
         """nnU-Net's SGD + poly schedule; the classifier's parameters get ``cls_momentum``.
