@@ -118,10 +118,27 @@ def test_options_come_from_the_environment(monkeypatch):
     monkeypatch.setenv(mt.OPTIONS_ENV, json.dumps({"num_classes": 3}))
     with pytest.raises(RuntimeError, match="missing"):
         mt.load_options()
+    bad = {**json.loads(nnunet.environment(cfg, base={})[mt.OPTIONS_ENV]), "cls_norm": "group"}
+    monkeypatch.setenv(mt.OPTIONS_ENV, json.dumps(bad))
+    with pytest.raises(RuntimeError, match="cls_norm must be one of"):
+        mt.load_options()
+
+
+def test_layer_norm_classifier_scores_a_case_alone_as_in_its_batch():
+    """cls_norm=layer: a case's logits (K,) depend on its own features only, the same in training
+    and evaluation mode; batch norm's depend on the batch in training."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, 8) * 5 + 2  # (B, C) pooled features
+    layer = mt.ClassifierMLP(8, 3, dropout=0.0, norm="layer")
+    together, alone = layer(feats)[0], layer(feats[:1].repeat(2, 1))[0]
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert torch.allclose(layer.eval()(feats), layer.train()(feats), atol=1e-6)
+    batch = mt.ClassifierMLP(8, 3, dropout=0.0, norm="batch").train()
+    assert not torch.allclose(batch(feats)[0], batch(feats[:1].repeat(2, 1))[0], atol=1e-3)
 
 
 def test_balanced_class_weights_and_focal_loss():
-    opts = mt.MultitaskOptions("x.csv", 3, 2, 1.0, "focal", 2.0, "balanced", 0.9, 1, 1, 1)
+    opts = mt.MultitaskOptions("x.csv", 3, 2, 1.0, "focal", 2.0, "balanced", 0.9, "batch", 1, 1, 1)
     weights = mt.class_weights(opts, np.array([0, 1, 1, 1, 2, 2]))
     assert weights.tolist() == pytest.approx([2.0, 2 / 3, 1.0])
     logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
