@@ -192,3 +192,20 @@ def test_trainers_train_on_cpu_and_predictor_writes_one_row_per_test_case(conver
         mask.shape
         == nib.load(Path(cfg["data_dir"]) / "test" / layout.image_name(tests[0][:-7])).shape
     )
+
+
+def test_predictor_names_the_options_when_a_checkpoint_does_not_fit(monkeypatch):
+    """A model trained with other trainer options (cls_norm=layer, predicted with batch) is a
+    one-line InputError, not load_state_dict's traceback."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from utils.errors import InputError
+    from utils.pancreas.submit import MultitaskPredictor
+
+    def mismatch(self, *args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for MultitaskNet: Missing key(s)")
+
+    monkeypatch.setattr(nnUNetPredictor, "initialize_from_trained_model_folder", mismatch)
+    predictor = MultitaskPredictor(device=torch.device("cpu"))
+    with pytest.raises(InputError, match="cls_norm"):
+        predictor.initialize_from_trained_model_folder("model_dir", [0])

@@ -59,7 +59,17 @@ class MultitaskPredictor(nnUNetPredictor):
     def initialize_from_trained_model_folder(
         self, model_dir: str, use_folds, checkpoint_name: str = "checkpoint_final.pth"
     ):
-        super().initialize_from_trained_model_folder(model_dir, use_folds, checkpoint_name)
+        try:
+            super().initialize_from_trained_model_folder(model_dir, use_folds, checkpoint_name)
+        except (
+            RuntimeError
+        ) as err:  # load_state_dict: the network built from today's options differs
+            if "state_dict" not in str(err):
+                raise
+            raise InputError(
+                f"{model_dir}: the checkpoint does not fit the network of the current "
+                "nnunet.trainer_options (e.g. cls_norm); predict with the options it was trained with"
+            ) from err
         net = getattr(self.network, "_orig_mod", self.network)
         if not hasattr(net, "last_logits"):
             raise InputError(
