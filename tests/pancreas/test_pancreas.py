@@ -13,13 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from models.nnunet_trainers import pancreas_multitask as mt
 from tests.conftest import preprocess
 from utils import nnunet, paths
 from utils.config import load_config
+from utils.errors import InputError
 from utils.pancreas import layout, metric
 from utils.pancreas.preprocess import cases_csv, round_labels
+from utils.pancreas.submit import MultitaskPredictor
 from utils.pancreas.synthetic import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,10 +200,6 @@ def test_trainers_train_on_cpu_and_predictor_writes_one_row_per_test_case(conver
 def test_predictor_names_the_options_when_a_checkpoint_does_not_fit(monkeypatch):
     """A model trained with other trainer options (cls_norm=layer, predicted with batch) is a
     one-line InputError, not load_state_dict's traceback."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from utils.errors import InputError
-    from utils.pancreas.submit import MultitaskPredictor
 
     def mismatch(self, *args, **kwargs):
         raise RuntimeError("Error(s) in loading state_dict for MultitaskNet: Missing key(s)")

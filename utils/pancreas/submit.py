@@ -59,11 +59,10 @@ class MultitaskPredictor(nnUNetPredictor):
     def initialize_from_trained_model_folder(
         self, model_dir: str, use_folds, checkpoint_name: str = "checkpoint_final.pth"
     ):
+        # load_state_dict fails when the network built from today's trainer options differs
         try:
             super().initialize_from_trained_model_folder(model_dir, use_folds, checkpoint_name)
-        except (
-            RuntimeError
-        ) as err:  # load_state_dict: the network built from today's options differs
+        except RuntimeError as err:
             if "state_dict" not in str(err):
                 raise
             raise InputError(
