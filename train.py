@@ -4,7 +4,8 @@ Everything stage-specific comes from the config: the dataset, model and loss are
 registries by name (``utils/<pipeline>/datasets.py``, ``models/<pipeline>/``,
 ``utils/<pipeline>/losses.py``). Per fold the run folder ``output/<pipeline>/<exp>/fold<k>/``
 receives ``config.yaml``, ``train.log``, ``metrics.csv``, ``curves.png`` and atomic ``last.pth`` /
-``best.pth`` checkpoints that carry the resolved config and the seed.
+``best.pth`` checkpoints that carry the resolved config and the seed (``best.pth`` without the
+optimizer, scheduler and scaler state that only resuming from ``last.pth`` needs).
 
 With ``resume: auto`` a fold continues from ``last.pth`` when the saved config matches (a
 finished fold is skipped); a different config is an error naming the differing keys.
@@ -58,6 +59,8 @@ from utils.seed import seed_everything
 from utils.tracking import Tracker, make_tracker
 
 log = logging.getLogger("train")
+# Checkpoint entries only resuming reads; best.pth leaves them out.
+RESUME_ONLY = ("optimizer", "scheduler", "scaler")
 
 
 # ---- setup --------------------------------------------------------------------------------------
@@ -254,8 +257,10 @@ def _train_fold(
                 "seed": cfg.seed,
             }
             save_checkpoint(ckpt, run / "last.pth")
+            # Adam's moments would triple best.pth for nothing: inference reads the weights.
             if improved:
-                save_checkpoint(ckpt, run / "best.pth")
+                best_ckpt = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
+                save_checkpoint(best_ckpt, run / "best.pth")
             write_csv(pd.DataFrame(history), run / "metrics.csv")
             plot_curves(
                 pd.DataFrame(history), run / "curves.png", title=f"{cfg.exp_name} fold {fold}"

@@ -39,6 +39,8 @@ def test_stage1_run_folder_and_oof(tiny_stage1, tiny_output):
             and ckpt["fold"] == fold
             and ckpt["seed"] == 42
         )
+        # best.pth is for inference: resume-only state lives in last.pth alone.
+        assert "optimizer" not in ckpt and "optimizer" in load_checkpoint(run / "last.pth")
         metrics = pd.read_csv(run / "metrics.csv")
         assert {"train_loss", "val_loss", "val_ratio_mae", "val_box_mae", "lr"} <= set(
             metrics.columns
