@@ -257,7 +257,7 @@ def _train_fold(
                 "seed": cfg.seed,
             }
             save_checkpoint(ckpt, run / "last.pth")
-            # Adam's moments would triple best.pth for nothing: inference reads the weights.
+            # The optimizer state (Adam: two moments per weight) would triple best.pth; inference reads weights.
             if improved:
                 best_ckpt = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
                 save_checkpoint(best_ckpt, run / "best.pth")
