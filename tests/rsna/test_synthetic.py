@@ -17,6 +17,7 @@ from utils.rsna.dicom import Study, load_study
 from utils.rsna.nifti import load_rsna_seg
 from utils.rsna.synthetic.generator import (
     FRACTURED_COUNT,
+    SPINOUS,
     PRESETS,
     STYLES,
     VERTEBRAE,
@@ -28,6 +29,7 @@ from utils.rsna.synthetic.generator import (
     render_slice,
     study_style,
 )
+from utils.rsna.synthetic.generator import _context_bone as context_bone
 from utils.rsna.synthetic.writers import TRANSFER_SYNTAXES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,8 +204,43 @@ def test_segmentations_match_the_bone(studies, segmented):
         cervical = (seg >= 1) & (seg <= 7)
         assert (hu[cervical] > SOFT_TISSUE_MAX).mean() > 0.9  # labels sit on bone (cracks aside)
         assert np.median(hu[cervical]) > 200
-        assert (seg[hu > 600] > 0).all()  # all cortical bone is labelled (C or T)
+        around = _context_masks(uid)  # skull base, mandible, clavicles, ribs: unlabelled
+        assert around.any() and (seg[around] == 0).mean() > 0.95
+        assert (seg[(hu > 600) & ~around] > 0).all()  # all cortical bone of the spine is labelled
         assert np.median(hu[seg == 0]) < 100
+
+
+def _context_masks(uid: str) -> np.ndarray:
+    """(Z, H, W) bone around the spine of a tiny train study, head -> feet, from its geometry."""
+    (spec,) = [s for s in plan_dataset(PRESETS["tiny"], seed=0) if s.uid == uid]
+    geom = make_geometry(spec, PRESETS["tiny"], seed=0)
+    grid = make_grid(geom)
+    depths = (np.arange(geom.n_slices) + 0.5) * geom.dz
+    return np.stack([context_bone(geom, grid.u, grid.v, float(d)) for d in depths])
+
+
+def test_levels_differ_by_the_anatomy_around_them_not_by_their_place_in_the_stack():
+    demo = PRESETS["demo"]
+    geoms = [make_geometry(s, demo, seed=0) for s in plan_dataset(demo, 0)[:40]]
+    # Where C1 and C7 sit in the stack varies: most scans start in the skull base, some at C1.
+    c1 = np.array([g.levels[0].top / g.coverage for g in geoms])
+    heads = np.array([g.context.head for g in geoms])
+    assert 0.2 < (heads == 0).mean() < 0.5 and c1.max() - c1.min() > 0.1
+    assert SPINOUS[7] > max(SPINOUS[k] for k in range(3, 7))  # C7, the vertebra prominens
+    for g in geoms[:6]:
+        grid = make_grid(g)
+        skull = g.levels[0].top - g.context.head / 2  # mid skull base (or C1's top)
+        clavicle, lungs = g.context.clavicle, g.context.lung_top + 20.0
+        if g.context.head:
+            # Skull slices hold bone but no vertebra label.
+            above = render_slice(g, grid, int(skull / g.dz))
+            assert (above.hu >= g.cortical).any() and not above.labels.any()
+        if clavicle < g.coverage - g.dz and lungs < g.coverage - g.dz:
+            low = render_slice(g, grid, int(lungs / g.dz))
+            assert (low.hu < -800).sum() > 20  # the lung apices beside the airway
+            bone = context_bone(g, grid.u, grid.v, clavicle)  # clavicles (and ribs, which
+            labels = render_slice(g, grid, int(clavicle / g.dz)).labels  # touch the vertebrae)
+            assert bone.sum() > 20 and (labels[bone] == 0).mean() > 0.9
 
 
 def test_fractures_are_visible_inside_fractured_vertebrae(tiny, segmented, studies):

@@ -29,7 +29,11 @@ Layout written under ``--out`` (as the competition)::
 
 Each study is a phantom neck CT in HU (air, fat, soft tissue, airway, spinal canal, C1..C7 and a
 few thoracic vertebrae separated by discs) with per-study variation of position, rotation, size,
-pixel spacing, slice spacing and slice count. A fractured vertebra carries one or two cracks: thin
+pixel spacing, slice spacing and slice count. Around the spine lies what tells the levels apart
+on a real scan: most studies start in the skull base (occipital bone, condyles), the mandible
+spans the upper levels, the lung apices, clavicles and first ribs appear from about C7 down, the
+neck widens into the head and the shoulders, and the spinous process is long at C7; where each of
+these lies varies from study to study, so a vertebra's level is not its position in the stack. A fractured vertebra carries one or two cracks: thin
 soft-tissue bands (vertical planes, so visible on every axial slice of the vertebra) through its
 body and/or posterior arch, sometimes with a step-off of one fragment. A segmentation holds the
 phantom's own vertebra voxels (cracks included), so it coincides with the bone. Labels follow the
@@ -76,7 +80,7 @@ VERTEBRA_POSITIVES = np.array([146, 285, 73, 108, 162, 277, 393], dtype=np.float
 BOX_STUDY_RATE = 235 / 961  # share of positive studies with fracture boxes
 
 # Tissue HU; bone values are drawn per study around these.
-AIR, FAT, CANAL, DISC = -1000.0, -100.0, 20.0, 80.0
+AIR, FAT, CANAL, DISC, LUNG = -1000.0, -100.0, 20.0, 80.0, -850.0
 
 # Vertebra heights along z (mm at z-scale 1): C1, C2 body, C3..C7, thoracic; disc heights.
 C_HEIGHTS = (11.0, 18.0, 14.0, 14.0, 14.0, 14.0, 14.0)
@@ -84,6 +88,11 @@ T_HEIGHT, DISC_HEIGHT, C1_C2_GAP = 17.0, 5.0, 1.5
 # In-plane size of each level relative to the study's size scale (C1 uses its own ring geometry).
 LEVEL_SCALE = (1.0, 0.92, 0.95, 1.0, 1.03, 1.07, 1.1)
 T_SCALE = 1.2
+# Spinous-process length (mm at size 1) of C2..C7 and of the thoracic levels: short in mid neck,
+# long at C7 (the vertebra prominens). With the transverse processes (longer at C7) and the
+# anatomy around the spine (Context), this is what tells the lower levels apart on one slice.
+SPINOUS = {2: 15.0, 3: 9.0, 4: 9.0, 5: 10.0, 6: 13.0, 7: 20.0}
+T_SPINOUS = 17.0
 
 
 @dataclass(frozen=True)
@@ -366,6 +375,22 @@ class Level:
 
 
 @dataclass(frozen=True)
+class Context:
+    """Anatomy around the spine that a real neck CT shows, as depths below the top slice (mm).
+
+    Which slices hold the skull base, the mandible, the lung apices and the clavicles varies
+    from study to study (posture, body build, field of view), so the level of a vertebra has to
+    be read from what is around it, not from its position in the stack.
+    """
+
+    head: float  # skull base covered above C1 (mm; 0: the scan starts at C1)
+    mandible: tuple[float, float]  # depth range of the mandible
+    lung_top: float  # depth where the lung apices start
+    clavicle: float  # depth of the clavicles' centre line
+    shoulder: float  # extra neck width per mm below C7 (x the stack's coverage)
+
+
+@dataclass(frozen=True)
 class Geometry:
     """Everything needed to render one study; all lengths in mm, angles in radians."""
 
@@ -390,6 +415,7 @@ class Geometry:
     cortical: float
     cancellous: float
     noise: float
+    context: Context  # skull base, mandible, lungs, clavicles
     blur: float = 0.0  # in-plane Gaussian sigma, px
     z_samples: int = 1  # sub-slices averaged over the slice thickness
 
@@ -486,6 +512,33 @@ def study_style(spec: StudySpec, preset: Preset, seed: int) -> str:
     return preset.styles[int(rng.choice(len(preset.styles), p=p))]
 
 
+def _context_rng(spec: StudySpec, seed: int) -> np.random.Generator:
+    """The study's own stream for the anatomy around the spine (the other draws stay as they
+    were before it existed)."""
+    return np.random.default_rng([seed, 9 if spec.split == "train" else 10, spec.index])
+
+
+def _head_cover(rng: np.random.Generator) -> float:
+    """mm of skull base above C1: most scans start in the skull base, some at C1."""
+    cover, starts_in_skull = rng.uniform(8.0, 40.0), rng.random() < 0.7
+    return float(cover) if starts_in_skull else 0.0
+
+
+def _context(
+    rng: np.random.Generator, head: float, levels: tuple[Level, ...], z_scale: float
+) -> Context:
+    """Where the skull base, mandible, lung apices and clavicles lie for this study."""
+    c1_top, c7_bottom = levels[0].top, levels[6].bottom
+    mandible_top = c1_top + rng.uniform(-5.0, 12.0) * z_scale
+    return Context(
+        head=head,
+        mandible=(mandible_top, mandible_top + rng.uniform(22.0, 40.0) * z_scale),
+        lung_top=c7_bottom + rng.uniform(-10.0, 6.0) * z_scale,
+        clavicle=c7_bottom + rng.uniform(4.0, 24.0) * z_scale,
+        shoulder=float(rng.uniform(0.8, 2.5)),
+    )
+
+
 def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
     """Draw one study's anatomy and acquisition from its own random streams (``rng`` for what
     the classic phantom draws, ``look`` for the style's additions)."""
@@ -497,11 +550,25 @@ def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
     n = int(rng.integers(preset.n_slices[0], preset.n_slices[1] + 1))
     z_scale = rng.uniform(*style.height)
     c_length = z_scale * (sum(C_HEIGHTS) + C1_C2_GAP + 5 * DISC_HEIGHT)
-    dz = round(c_length / (rng.uniform(*style.c_share) * n), 2)
+    # The skull base above C1 comes on top of the cervical share, so the thorax keeps its share.
+    context_rng = _context_rng(spec, seed)
+    head = _head_cover(context_rng)
+    dz = round((c_length + head) / (rng.uniform(*style.c_share) * n), 2)
     coverage = n * dz
     ps = round(rng.uniform(*preset.fov_mm) / rows, 4)
     size = rng.uniform(*style.size)
     shift = rng.uniform(-0.05, 0.05, size=2) * rows
+    levels = _levels(
+        spec.labels,
+        head + coverage * rng.uniform(0.03, 0.08),
+        z_scale,
+        coverage,
+        size,
+        preset.crack_px * ps,
+        rng,
+        style,
+        look,
+    )
     return Geometry(
         rows=rows,
         cols=cols,
@@ -522,21 +589,12 @@ def make_geometry(spec: StudySpec, preset: Preset, seed: int) -> Geometry:
         airway=rng.uniform(5.0, 8.0),
         spine_v=rng.uniform(0.0, 4.0),
         lordosis=rng.uniform(*style.lordosis),
-        levels=_levels(
-            spec.labels,
-            coverage * rng.uniform(0.03, 0.08),
-            z_scale,
-            coverage,
-            size,
-            preset.crack_px * ps,
-            rng,
-            style,
-            look,
-        ),
+        levels=levels,
         soft=rng.uniform(*style.soft),
         cortical=rng.uniform(*style.cortical),
         cancellous=rng.uniform(*style.cancellous),
         noise=rng.uniform(*style.noise),
+        context=_context(context_rng, head, levels, z_scale),
         blur=float(look.uniform(*style.blur)),
         z_samples=style.z_samples,
     )
@@ -641,10 +699,11 @@ def _arch(level: Level, u: np.ndarray, v: np.ndarray, geom: Geometry) -> np.ndar
     s = geom.size * level.scale
     t = 3.0 * s
     ring = _ellipse(u, v, 0.0, cv, ca + t, cb + t) & ~_ellipse(u, v, 0.0, cv, ca, cb) & (v >= 0)
-    spine_len = (16.0 if level.label > 7 else 12.0) * s
+    spine_len = SPINOUS.get(level.label, T_SPINOUS) * s
     spinous = (np.abs(u) < 1.75 * s) & (v >= cv + cb) & (v <= cv + cb + t + spine_len)
     transverse = (np.abs(v - (cv - 0.3 * cb)) < 2.0 * s) & (np.abs(u) > 0.8 * ca)
-    return ring | spinous | (transverse & (np.abs(u) < ca + 8.0 * s))
+    reach = (11.0 if level.label == 7 else 8.0) * s  # C7's transverse processes are the longest
+    return ring | spinous | (transverse & (np.abs(u) < ca + reach))
 
 
 def _crack_band(
@@ -741,13 +800,76 @@ def _levels_at(geom: Geometry, depth: float) -> tuple[list[tuple[Level, str]], L
     return parts, disc
 
 
+def _neck_axes(geom: Geometry, depth: float) -> tuple[float, float]:
+    """Semi-axes (mm) of the body outline at ``depth``: the neck, widening into the head above
+    C1 and into the shoulders below C7."""
+    ctx = geom.context
+    c1_top, c7_bottom = geom.levels[0].top, geom.levels[6].bottom
+    grow = 1.0 + ctx.shoulder * max(0.0, depth - c7_bottom) / geom.coverage
+    if depth < c1_top:
+        grow += 0.25 * (c1_top - depth) / max(ctx.head, 1.0)
+    return geom.neck_axes[0] * grow, geom.neck_axes[1] * grow
+
+
 def _draw_neck(hu: np.ndarray, grid: Grid, geom: Geometry, depth: float) -> None:
-    """Fat-lined soft-tissue neck with its airway into ``hu`` (H, W); widens at the shoulders."""
-    grow = 1.0 + 1.5 * max(0.0, depth - geom.levels[6].bottom) / geom.coverage
-    a, b = geom.neck_axes[0] * grow, geom.neck_axes[1] * grow
+    """Fat-lined soft-tissue neck with its airway into ``hu`` (H, W)."""
+    a, b = _neck_axes(geom, depth)
     hu[_ellipse(grid.u, grid.v, 0.0, 0.0, a, b)] = FAT
     hu[_ellipse(grid.u, grid.v, 0.0, 0.0, a - geom.fat, b - geom.fat)] = geom.soft
     hu[_ellipse(grid.u, grid.v, 0.0, -0.45 * b, geom.airway, geom.airway)] = AIR
+
+
+def _ring(u: np.ndarray, v: np.ndarray, cv: float, a: float, b: float, t: float) -> np.ndarray:
+    """Elliptical band ``t`` mm thick centred at (0, ``cv``) mm."""
+    return _ellipse(u, v, 0.0, cv, a, b) & ~_ellipse(u, v, 0.0, cv, a - t, b - t)
+
+
+def _capsule(u: np.ndarray, v: np.ndarray, p: tuple, q: tuple, r: float) -> np.ndarray:
+    """Points within ``r`` mm of the segment ``p``-``q`` (mm, (u, v))."""
+    du, dv = q[0] - p[0], q[1] - p[1]
+    t = np.clip(((u - p[0]) * du + (v - p[1]) * dv) / (du * du + dv * dv), 0.0, 1.0)
+    return (u - p[0] - t * du) ** 2 + (v - p[1] - t * dv) ** 2 <= r * r
+
+
+def _context_bone(geom: Geometry, u: np.ndarray, v: np.ndarray, depth: float) -> np.ndarray:
+    """Bone outside the spine at ``depth`` (mask over the full slice): the skull base and its
+    occipital condyles above C1, the mandible, the clavicles and the ribs of the thoracic
+    levels. Shapes follow the outline's axes, so they sit where they would in that body."""
+    ctx, size = geom.context, geom.size
+    a, b = _neck_axes(geom, depth)
+    canal_v = geom.spine_v + _canal(size)[0]
+    c1_top = geom.levels[0].top
+    bone = np.zeros(u.shape, dtype=bool)
+    if c1_top - ctx.head <= depth < c1_top:
+        # The occipital bone: a posterior bowl that closes in on the foramen magnum near C1.
+        f = 0.45 + 0.55 * (c1_top - depth) / max(ctx.head, 1.0)
+        bone |= _ring(u, v, canal_v, 0.8 * a * f, 0.7 * b * f, 6.0) & (v > canal_v - 0.3 * b * f)
+        if c1_top - depth < 7.0:  # the condyles resting on the C1 lateral masses
+            bone |= _ellipse(np.abs(u), v, 11.5 * size, geom.spine_v + 6.0 * size, 5.0, 5.0)
+    if ctx.mandible[0] <= depth < ctx.mandible[1]:
+        bone |= _ring(u, v, -0.05 * b, 0.72 * a, 0.85 * b, 5.0) & (v < -0.2 * b)
+    if abs(depth - ctx.clavicle) < 7.0:
+        lift = 0.6 * (depth - ctx.clavicle)  # they rise laterally: the bar moves with depth
+        for side in (-1.0, 1.0):
+            p, q = (side * 0.12 * a, -0.85 * b), (side * 0.95 * a, -0.3 * b + lift)
+            bone |= _capsule(u, v, p, q, 5.0)
+    for level in geom.levels[7:]:  # a pair of ribs leaves each thoracic vertebra
+        mid, half = (level.top + level.bottom) / 2, 0.3 * (level.bottom - level.top)
+        if abs(depth - mid) < half:
+            rib = _ring(u, v, geom.spine_v - 8.0, 0.65 * a, 0.6 * b, 4.5)
+            bone |= rib & (np.abs(u) > 16.0 * size) & (v > -0.45 * b)
+    return bone & _ellipse(u, v, 0.0, 0.0, a - geom.fat, b - geom.fat)
+
+
+def _draw_context(hu: np.ndarray, grid: Grid, geom: Geometry, depth: float) -> None:
+    """The lung apices (air) and the bone around the spine into ``hu`` (H, W)."""
+    ctx = geom.context
+    a, _ = _neck_axes(geom, depth)
+    if depth > ctx.lung_top:
+        r = 0.3 * a * min(1.0, np.sqrt((depth - ctx.lung_top) / 40.0))
+        lungs = _ellipse(np.abs(grid.u), grid.v, 0.5 * a, geom.spine_v, r, 1.2 * r)
+        hu[lungs] = LUNG
+    hu[_context_bone(geom, grid.u, grid.v, depth)] = geom.cortical
 
 
 def _spine_frame(grid: Grid, geom: Geometry, depth: float) -> tuple[np.ndarray, np.ndarray]:
@@ -765,6 +887,7 @@ def render_slice(geom: Geometry, grid: Grid, index: int, offset: float = 0.0) ->
     hu = np.full((geom.rows, geom.cols), AIR, dtype=np.float32)
     labels = np.zeros((geom.rows, geom.cols), dtype=np.uint8)
     _draw_neck(hu, grid, geom, depth)
+    _draw_context(hu, grid, geom, depth)
     u, v = _spine_frame(grid, geom, depth)
     roi_hu, roi_labels = hu[grid.roi], labels[grid.roi]  # views: drawing on them draws on hu
     cv, ca, cb = _canal(geom.size)
