@@ -17,11 +17,12 @@ from utils.rsna.dicom import Study, load_study
 from utils.rsna.nifti import load_rsna_seg
 from utils.rsna.synthetic.generator import (
     FRACTURED_COUNT,
-    SPINOUS,
     PRESETS,
+    SPINOUS,
     STYLES,
     VERTEBRAE,
     assign_labels,
+    context_bone,
     generate,
     make_geometry,
     make_grid,
@@ -29,7 +30,6 @@ from utils.rsna.synthetic.generator import (
     render_slice,
     study_style,
 )
-from utils.rsna.synthetic.generator import _context_bone as context_bone
 from utils.rsna.synthetic.writers import TRANSFER_SYNTAXES
 
 ROOT = Path(__file__).resolve().parents[2]

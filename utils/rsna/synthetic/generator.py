@@ -33,7 +33,8 @@ pixel spacing, slice spacing and slice count. Around the spine lies what tells t
 on a real scan: most studies start in the skull base (occipital bone, condyles), the mandible
 spans the upper levels, the lung apices, clavicles and first ribs appear from about C7 down, the
 neck widens into the head and the shoulders, and the spinous process is long at C7; where each of
-these lies varies from study to study, so a vertebra's level is not its position in the stack. A fractured vertebra carries one or two cracks: thin
+these lies varies from study to study, so a vertebra's level is not its position in the stack.
+A fractured vertebra carries one or two cracks: thin
 soft-tissue bands (vertical planes, so visible on every axial slice of the vertebra) through its
 body and/or posterior arch, sometimes with a step-off of one fragment. A segmentation holds the
 phantom's own vertebra voxels (cracks included), so it coincides with the bone. Labels follow the
@@ -387,7 +388,7 @@ class Context:
     mandible: tuple[float, float]  # depth range of the mandible
     lung_top: float  # depth where the lung apices start
     clavicle: float  # depth of the clavicles' centre line
-    shoulder: float  # extra neck width per mm below C7 (x the stack's coverage)
+    shoulder: float  # outline growth into the shoulders: x (1 + this * depth below C7 / coverage)
 
 
 @dataclass(frozen=True)
@@ -645,6 +646,11 @@ def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, a: float, b: fl
     return ((u - cu) / a) ** 2 + ((v - cv) / b) ** 2 <= 1.0
 
 
+def _ring(u: np.ndarray, v: np.ndarray, cv: float, a: float, b: float, t: float) -> np.ndarray:
+    """Elliptical band ``t`` mm thick centred at (0, ``cv``) mm."""
+    return _ellipse(u, v, 0.0, cv, a, b) & ~_ellipse(u, v, 0.0, cv, a - t, b - t)
+
+
 def _canal(size: float) -> tuple[float, float, float]:
     """Spinal canal centre v and semi-axes (mm) relative to the body centre."""
     a, b = 11.0 * size, 7.0 * size
@@ -656,9 +662,7 @@ def _shell(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(cortical, cancellous) masks of an elliptical bone centred at (0, ``cv``) mm with a
     cortical shell ``t`` mm thick."""
-    outer = _ellipse(u, v, 0.0, cv, a, b)
-    inner = _ellipse(u, v, 0.0, cv, a - t, b - t)
-    return outer & ~inner, inner
+    return _ring(u, v, cv, a, b, t), _ellipse(u, v, 0.0, cv, a - t, b - t)
 
 
 def _body(
@@ -686,7 +690,7 @@ def _atlas(u: np.ndarray, v: np.ndarray, size: float) -> np.ndarray:
     front, back = -6.75 * size, cv + cb + 3.5 * size
     vm, b1, a1 = (front + back) / 2, (back - front) / 2, ca + 5.0 * size
     t = 3.5 * size
-    ring = _ellipse(u, v, 0.0, vm, a1, b1) & ~_ellipse(u, v, 0.0, vm, a1 - t, b1 - t)
+    ring = _ring(u, v, vm, a1, b1, t)
     masses = _ellipse(np.abs(u), v, 11.5 * size, 6.0 * size, 3.5 * size, 5.0 * size)
     transverse = (np.abs(v - vm) < 2.5 * size) & (np.abs(u) > a1 - 1.0)
     return ring | masses | (transverse & (np.abs(u) < a1 + 9.0 * size))
@@ -698,7 +702,7 @@ def _arch(level: Level, u: np.ndarray, v: np.ndarray, geom: Geometry) -> np.ndar
     cv, ca, cb = _canal(geom.size)
     s = geom.size * level.scale
     t = 3.0 * s
-    ring = _ellipse(u, v, 0.0, cv, ca + t, cb + t) & ~_ellipse(u, v, 0.0, cv, ca, cb) & (v >= 0)
+    ring = _ring(u, v, cv, ca + t, cb + t, t) & (v >= 0)
     spine_len = SPINOUS.get(level.label, T_SPINOUS) * s
     spinous = (np.abs(u) < 1.75 * s) & (v >= cv + cb) & (v <= cv + cb + t + spine_len)
     transverse = (np.abs(v - (cv - 0.3 * cb)) < 2.0 * s) & (np.abs(u) > 0.8 * ca)
@@ -819,11 +823,6 @@ def _draw_neck(hu: np.ndarray, grid: Grid, geom: Geometry, depth: float) -> None
     hu[_ellipse(grid.u, grid.v, 0.0, -0.45 * b, geom.airway, geom.airway)] = AIR
 
 
-def _ring(u: np.ndarray, v: np.ndarray, cv: float, a: float, b: float, t: float) -> np.ndarray:
-    """Elliptical band ``t`` mm thick centred at (0, ``cv``) mm."""
-    return _ellipse(u, v, 0.0, cv, a, b) & ~_ellipse(u, v, 0.0, cv, a - t, b - t)
-
-
 def _capsule(u: np.ndarray, v: np.ndarray, p: tuple, q: tuple, r: float) -> np.ndarray:
     """Points within ``r`` mm of the segment ``p``-``q`` (mm, (u, v))."""
     du, dv = q[0] - p[0], q[1] - p[1]
@@ -831,7 +830,7 @@ def _capsule(u: np.ndarray, v: np.ndarray, p: tuple, q: tuple, r: float) -> np.n
     return (u - p[0] - t * du) ** 2 + (v - p[1] - t * dv) ** 2 <= r * r
 
 
-def _context_bone(geom: Geometry, u: np.ndarray, v: np.ndarray, depth: float) -> np.ndarray:
+def context_bone(geom: Geometry, u: np.ndarray, v: np.ndarray, depth: float) -> np.ndarray:
     """Bone outside the spine at ``depth`` (mask over the full slice): the skull base and its
     occipital condyles above C1, the mandible, the clavicles and the ribs of the thoracic
     levels. Shapes follow the outline's axes, so they sit where they would in that body."""
@@ -869,7 +868,7 @@ def _draw_context(hu: np.ndarray, grid: Grid, geom: Geometry, depth: float) -> N
         r = 0.3 * a * min(1.0, np.sqrt((depth - ctx.lung_top) / 40.0))
         lungs = _ellipse(np.abs(grid.u), grid.v, 0.5 * a, geom.spine_v, r, 1.2 * r)
         hu[lungs] = LUNG
-    hu[_context_bone(geom, grid.u, grid.v, depth)] = geom.cortical
+    hu[context_bone(geom, grid.u, grid.v, depth)] = geom.cortical
 
 
 def _spine_frame(grid: Grid, geom: Geometry, depth: float) -> tuple[np.ndarray, np.ndarray]:
