@@ -34,9 +34,9 @@ on a real scan: most studies start in the skull base (occipital bone, condyles),
 spans the upper levels, the lung apices, clavicles and first ribs appear from about C7 down, the
 neck widens into the head and the shoulders, and the spinous process is long at C7; where each of
 these lies varies from study to study, so a vertebra's level is not its position in the stack.
-A fractured vertebra carries one or two cracks: thin
-soft-tissue bands (vertical planes, so visible on every axial slice of the vertebra) through its
-body and/or posterior arch, sometimes with a step-off of one fragment. A segmentation holds the
+A fractured vertebra carries one or two cracks: thin soft-tissue bands (vertical planes, so
+visible on every axial slice of the vertebra) through its body and/or posterior arch, sometimes
+with a step-off of one fragment. A segmentation holds the
 phantom's own vertebra voxels (cracks included), so it coincides with the bone. Labels follow the
 real prevalences with a rounded (stratified) assignment, so small datasets hit the targets.
 
